@@ -1,0 +1,207 @@
+"""Model-family adapters: one interface, one adapter per family, chosen by ``config.model_type``.
+
+Everything that differs between LLaMA, Qwen2 and Mistral lives here as data (which projections carry
+biases, which class the pruned checkpoint loads with) so that groups, importance, surgery and
+evaluation never tell families apart by name.
+
+GQA layout (shared by the three families), with ``r = num_attention_heads / num_key_value_heads``
+query heads per KV head and ``d = head_dim``::
+
+    k_proj / v_proj rows  [i*d,     (i+1)*d)      KV head i
+    q_proj rows           [i*r*d,   (i+1)*r*d)    its r query heads
+    o_proj columns        [i*r*d,   (i+1)*r*d)    the same query heads, read back into the residual
+
+so "attention group i" is one KV head with its r query heads, and removing it keeps the Q:KV ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family or geometry cannot be pruned by this toolkit."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Architecture facts of a (dense) decoder, read from its config. All sizes are counts, not bytes."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tied_embeddings: bool
+
+    @property
+    def q_per_kv(self) -> int:
+        """r: query heads sharing one KV head (1 for plain multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attn_group_cost(self) -> int:
+        """Parameters of one attention group: k, v rows (d each), q rows (r*d), o columns (r*d), biases."""
+        d, r, h = self.head_dim, self.q_per_kv, self.hidden_size
+        bias = (r * d + 2 * d) if self.qkv_bias else 0
+        return d * h * (2 * r + 2) + bias
+
+    @property
+    def mlp_channel_cost(self) -> int:
+        """Parameters of one SwiGLU channel: a gate row, an up row and a down column (+ gate/up biases)."""
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form, for artifact metadata."""
+        return asdict(self)
+
+
+class FamilyAdapter:
+    """How to read geometry from a config and reach the prunable modules of one model family.
+
+    The defaults describe the HF LLaMA module tree (``model.model.layers[i].self_attn.{q,k,v,o}_proj``,
+    ``.mlp.{gate,up,down}_proj``), which Qwen2 and Mistral share; a family overrides only what differs.
+    """
+
+    model_type: ClassVar[str]
+    #: Class name of the pruned model in the checkpoint's remote code (``hf_code/modeling_gqaprune.py``).
+    pruned_class: ClassVar[str]
+
+    def qkv_bias(self, config) -> bool:
+        """Whether q/k/v projections carry biases."""
+        return bool(getattr(config, "attention_bias", False))
+
+    def o_bias(self, config) -> bool:
+        """Whether o_proj carries a bias."""
+        return bool(getattr(config, "attention_bias", False))
+
+    def mlp_bias(self, config) -> bool:
+        """Whether the MLP projections carry biases."""
+        return bool(getattr(config, "mlp_bias", False))
+
+    def geometry(self, config) -> Geometry:
+        """Read the geometry from a config, applying the HF defaults for absent keys, and check it."""
+        heads = int(config.num_attention_heads)
+        kv = getattr(config, "num_key_value_heads", None)
+        kv = heads if kv is None else int(kv)  # absent: plain multi-head attention
+        head_dim = getattr(config, "head_dim", None)
+        head_dim = int(config.hidden_size) // heads if head_dim is None else int(head_dim)
+        if kv <= 0 or heads % kv != 0:
+            raise UnsupportedModelError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: "
+                "GQA groups need an integer number of query heads per KV head"
+            )
+        return Geometry(
+            model_type=self.model_type,
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=int(config.intermediate_size),
+            vocab_size=int(config.vocab_size),
+            qkv_bias=self.qkv_bias(config),
+            o_bias=self.o_bias(config),
+            mlp_bias=self.mlp_bias(config),
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    # --- module access -------------------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return model.model.layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention block of a decoder layer."""
+        return layer.self_attn
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The MLP block of a decoder layer."""
+        return layer.mlp
+
+    def attn_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """(q_proj, k_proj, v_proj, o_proj) of a layer."""
+        a = self.attention(layer)
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+    def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """(gate_proj, up_proj, down_proj) of a layer."""
+        m = self.mlp(layer)
+        return m.gate_proj, m.up_proj, m.down_proj
+
+    def embeddings(self, model: nn.Module) -> nn.Embedding:
+        """Input token embeddings."""
+        return model.model.embed_tokens
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        """Output projection to the vocabulary."""
+        return model.lm_head
+
+
+class LlamaAdapter(FamilyAdapter):
+    """LLaMA 2/3 (GQA 4:1 at 8B), SmolLM2: biases follow ``attention_bias`` / ``mlp_bias``."""
+
+    model_type = "llama"
+    pruned_class = "PrunedLlamaForCausalLM"
+
+
+class Qwen2Adapter(FamilyAdapter):
+    """Qwen2 / Qwen2.5: q, k, v always carry biases, o_proj and the MLP never do; untied head at 7B."""
+
+    model_type = "qwen2"
+    pruned_class = "PrunedQwen2ForCausalLM"
+
+    def qkv_bias(self, config) -> bool:
+        """Qwen2 hard-codes q/k/v biases in its attention module."""
+        return True
+
+    def o_bias(self, config) -> bool:
+        """Qwen2's o_proj has no bias."""
+        return False
+
+    def mlp_bias(self, config) -> bool:
+        """Qwen2's MLP has no biases."""
+        return False
+
+
+class MistralAdapter(FamilyAdapter):
+    """Mistral 7B (GQA 4:1): no biases anywhere."""
+
+    model_type = "mistral"
+    pruned_class = "PrunedMistralForCausalLM"
+
+    def qkv_bias(self, config) -> bool:
+        """Mistral has no attention biases."""
+        return False
+
+    def o_bias(self, config) -> bool:
+        """Mistral has no attention biases."""
+        return False
+
+    def mlp_bias(self, config) -> bool:
+        """Mistral has no MLP biases."""
+        return False
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {a.model_type: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter())}
+
+
+def get_adapter(config) -> FamilyAdapter:
+    """The adapter for ``config.model_type``; refuses unknown families and inconsistent geometry."""
+    model_type = getattr(config, "model_type", None)
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(ADAPTERS))}"
+        )
+    adapter.geometry(config)  # validates heads / KV heads
+    return adapter

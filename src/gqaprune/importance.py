@@ -1,0 +1,269 @@
+"""Group importance: magnitude, wanda, taylor and taylor_2nd, in one pass over calibration data.
+
+Per-parameter scores (SPEC.md), summed over each group's members:
+
+* ``magnitude``  |w|
+* ``wanda``      |w_ij| * ||x_j||_2, x_j the input feature j of that projection over all calibration
+  tokens (q/k/v and gate/up read the normed residual, o_proj the attention output, down_proj the
+  SwiGLU product); a bias is fed by a constant 1, so its score is |b| * sqrt(tokens).
+* ``taylor``     sum over micro-batches b of |w * g_b|, g_b = dL_b/dw with L_b the mean token loss
+  of micro-batch b.
+* ``taylor_2nd`` sum over b of |w*g_b| + 0.5 * (w*g_b)^2, i.e. |w g| + 0.5 |w^2 H_diag| with the
+  Hessian diagonal approximated by the empirical Fisher g^2, accumulated per micro-batch.
+
+Memory: no gradient copy of the model is kept. Each projection's gradient is reduced into its
+per-group float32 accumulators by a post-accumulate-grad hook as soon as backward produces it, and
+then freed; embeddings, norms and lm_head get no gradients at all. Accumulation is float32
+whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import FamilyAdapter, get_adapter
+from .groups import ATTN, MLP, group_table, layer_shapes
+
+log = logging.getLogger(__name__)
+
+METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd")
+GRADIENT_METRICS = {"taylor", "taylor_2nd"}
+
+# A reducer maps an elementwise score tensor of one parameter to one value per group: [groups].
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rows(groups: int) -> Reducer:
+    """Groups own consecutive equal blocks of output rows (q/k/v/gate/up weights, their biases)."""
+    return lambda s: s.reshape(groups, -1).sum(1)
+
+
+def _cols(groups: int) -> Reducer:
+    """Groups own consecutive equal blocks of input columns (o_proj / down_proj weights)."""
+    return lambda s: s.reshape(s.shape[0], groups, -1).sum((0, 2))
+
+
+def _members(layer: nn.Module, adapter: FamilyAdapter, n_attn: int, n_mlp: int):
+    """(kind, parameter, role, reducer) for every parameter that belongs to a layer's groups.
+
+    ``role`` names the input feeding the parameter for wanda: 'attn_in', 'o_in', 'mlp_in', 'down_in'
+    or 'bias'.
+    """
+    out = []
+    if n_attn:
+        q, k, v, o = adapter.attn_projections(layer)
+        for lin in (q, k, v):
+            out.append((ATTN, lin.weight, "attn_in", _rows(n_attn)))
+            if lin.bias is not None:
+                out.append((ATTN, lin.bias, "bias", _rows(n_attn)))
+        out.append((ATTN, o.weight, "o_in", _cols(n_attn)))
+    if n_mlp:
+        gate, up, down = adapter.mlp_projections(layer)
+        for lin in (gate, up):
+            out.append((MLP, lin.weight, "mlp_in", _rows(n_mlp)))
+            if lin.bias is not None:
+                out.append((MLP, lin.bias, "bias", _rows(n_mlp)))
+        out.append((MLP, down.weight, "down_in", _cols(n_mlp)))
+    return out
+
+
+class _InputNorms:
+    """Forward hooks that accumulate sum over tokens of x_j^2 (float32) at each projection's input."""
+
+    def __init__(self):
+        self.sumsq: dict[tuple[int, str], torch.Tensor] = {}
+        self.tokens = 0
+        self.enabled = True
+
+    def hook(self, key: tuple[int, str]):
+        def fn(module, args):
+            if not self.enabled:  # gradient-checkpointing recomputation: already counted
+                return
+            x = args[0].detach().float()
+            acc = x.pow(2).reshape(-1, x.shape[-1]).sum(0)  # [in_features]
+            self.sumsq[key] = self.sumsq[key] + acc if key in self.sumsq else acc
+
+        return fn
+
+
+@contextmanager
+def _only_group_params_trainable(model: nn.Module, params: Sequence[nn.Parameter]):
+    """Temporarily give gradients to ``params`` only (embeddings, norms, lm_head get none)."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def check_calibration(samples: torch.Tensor) -> None:
+    """Refuse empty or malformed calibration data before any compute."""
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.dtype != torch.long:
+        raise ValueError("calibration samples must be a LongTensor of shape [n_samples, seq_len]")
+    if samples.numel() == 0 or samples.shape[1] < 2:
+        raise ValueError(f"calibration data is empty or too short (shape {tuple(samples.shape)}); "
+                         "need at least one sample of 2+ tokens")
+
+
+def score_groups(
+    model: nn.Module,
+    samples: torch.Tensor,
+    metrics: Sequence[str] = METRICS,
+    gradient_batch_size: int = 4,
+    gradient_checkpointing: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Score every group of ``model`` on calibration ``samples`` ([n, seq_len] token ids).
+
+    Returns the group table (``layer``, ``kind``, ``index``, ``cost``) with one float64 column per
+    requested metric. One forward (and, for taylor metrics, one backward) per micro-batch of
+    ``gradient_batch_size`` samples.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"importance metrics {unknown or '[]'} are not among {list(METRICS)}")
+    if gradient_batch_size < 1:
+        raise ValueError("gradient_batch_size must be >= 1")
+    check_calibration(samples)
+    adapter = get_adapter(model.config)
+    geometry = adapter.geometry(model.config)
+    shapes = layer_shapes(model, adapter, geometry)
+    table = group_table(shapes, geometry)
+    device = next(model.parameters()).device
+    need_grad = bool(GRADIENT_METRICS & set(metrics))
+    need_data = need_grad or "wanda" in metrics
+
+    members = {s.layer: _members(adapter.layers(model)[s.layer], adapter, s.attn_groups, s.mlp_channels)
+               for s in shapes}
+    # accumulators[(layer, kind)][metric] -> float32 [groups]
+    acc: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+
+    def add(layer: int, kind: str, metric: str, value: torch.Tensor) -> None:
+        slot = acc.setdefault((layer, kind), {})
+        slot[metric] = slot[metric] + value if metric in slot else value
+
+    norms = _InputNorms()
+    with ExitStack() as stack, torch.no_grad():
+        if "magnitude" in metrics:
+            for layer, items in members.items():
+                for kind, p, _, reduce in items:
+                    add(layer, kind, "magnitude", reduce(p.detach().float().abs()))
+        if need_data:
+            _register_input_hooks(model, adapter, shapes, norms, stack)
+            if need_grad:
+                _register_grad_hooks(members, add, stack)
+                params = [p for items in members.values() for _, p, _, _ in items]
+                stack.enter_context(_only_group_params_trainable(model, params))
+            _calibration_pass(model, samples.to(device), gradient_batch_size, need_grad,
+                              gradient_checkpointing, norms, progress)
+
+    if "wanda" in metrics:
+        with torch.no_grad():
+            for layer, items in members.items():
+                for kind, p, role, reduce in items:
+                    w = p.detach().float().abs()
+                    if role == "bias":
+                        add(layer, kind, "wanda", reduce(w * math.sqrt(norms.tokens)))
+                    else:
+                        add(layer, kind, "wanda", reduce(w * norms.sumsq[(layer, role)].sqrt()[None, :]))
+
+    for metric in metrics:
+        table[metric] = torch.cat(
+            [acc[(int(layer), kind)][metric].double().cpu() for layer, kind in _table_blocks(table)]
+        ).numpy()
+    return table
+
+
+def _table_blocks(table: pd.DataFrame) -> list[tuple[int, str]]:
+    """(layer, kind) blocks in the table's row order."""
+    blocks = table[["layer", "kind"]].drop_duplicates()
+    return [(int(r.layer), str(r.kind)) for r in blocks.itertuples(index=False)]
+
+
+def _register_input_hooks(model, adapter: FamilyAdapter, shapes, norms: _InputNorms, stack: ExitStack) -> None:
+    """Hook the input of q_proj (shared by k, v), o_proj, gate_proj (shared by up) and down_proj."""
+    layers = adapter.layers(model)
+    for s in shapes:
+        layer = layers[s.layer]
+        hooked = []
+        if s.attn_groups:
+            q, _, _, o = adapter.attn_projections(layer)
+            hooked += [(q, "attn_in"), (o, "o_in")]
+        if s.mlp_channels:
+            gate, _, down = adapter.mlp_projections(layer)
+            hooked += [(gate, "mlp_in"), (down, "down_in")]
+        for module, role in hooked:
+            handle = module.register_forward_pre_hook(norms.hook((s.layer, role)))
+            stack.callback(handle.remove)
+
+
+def _register_grad_hooks(members, add, stack: ExitStack) -> None:
+    """Reduce each projection gradient into per-group |w g| and (w g)^2 sums, then free it."""
+
+    def make(layer: int, kind: str, reduce: Reducer, name: str):
+        def hook(p: torch.Tensor) -> None:
+            wg = p.detach().float() * p.grad.float()
+            first, second = reduce(wg.abs()), reduce(wg.pow(2))
+            p.grad = None  # free the gradient now: no model-sized gradient copy is ever held
+            if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient in layer {layer} {name}: the loss or gradients overflowed; "
+                    "score in float32 (score.dtype) or check the calibration data"
+                )
+            add(layer, kind, "taylor", first)
+            add(layer, kind, "taylor_2nd", first + 0.5 * second)
+
+        return hook
+
+    for layer, items in members.items():
+        for n, (kind, p, role, reduce) in enumerate(items):
+            handle = p.register_post_accumulate_grad_hook(make(layer, kind, reduce, f"{kind} parameter {n} ({role})"))
+            stack.callback(handle.remove)
+
+
+def _calibration_pass(model, samples: torch.Tensor, batch: int, need_grad: bool, checkpointing: bool,
+                      norms: _InputNorms, progress: bool) -> None:
+    """Forward (+ backward) over ``samples`` in micro-batches; hooks do the accounting."""
+    was_training = model.training
+    if need_grad and checkpointing:
+        # transformers >= 5.2x renamed gradient_* to activation_checkpointing_*; the GPU image has 5.17
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF only checkpoints in training mode; these models have no dropout by default
+    try:
+        steps = range(0, samples.shape[0], batch)
+        for start in tqdm(steps, desc="calibration", disable=not progress, unit="batch"):
+            ids = samples[start:start + batch]
+            norms.enabled = True
+            if need_grad:
+                with torch.enable_grad():
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite calibration loss ({loss.item()}) at sample {start}")
+                    norms.enabled = False  # a checkpointed backward re-runs forwards: do not count twice
+                    loss.backward()
+            else:
+                model(input_ids=ids, use_cache=False)
+            norms.tokens += ids.numel()
+    finally:
+        norms.enabled = True
+        if need_grad and checkpointing:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+        model.train(was_training)
+

@@ -1,0 +1,318 @@
+"""H-GSP: the hierarchical global structural pruning plan.
+
+Every group of every non-frozen layer competes in one ranking::
+
+    S_base  = importance / cost                       (importance per parameter)
+    prior   = layer importance     if layer importance < tau   (layer-dominant layer)
+              own block importance otherwise                   (block-dominant layer)
+    S_final = S_base * ln(1 + prior) ** temperature            (temperature 0: M = 1)
+
+and the lowest S_final are removed until the removed parameters reach ``ratio`` of the model's
+parameters. ``ratio`` counts *all* parameters, embeddings and lm_head included (tied embeddings
+once); the analysis reports the ratio over the prunable (decoder projection) parameters too.
+
+Granularity: an attention group is one unit; MLP channels of a layer are taken lowest-first in
+units of ``mlp_align`` channels, so every layer keeps a multiple of ``mlp_align`` channels (kernels
+on GPUs run far slower on odd widths, SPEC.md). Units are taken in score order while they fit the
+budget, skipping those that would overshoot, so the plan lands below the target by less than the
+smallest unit's cost.
+
+``epsilon``: a block left with fewer than ``epsilon`` of its groups is removed entirely and the
+rest of the plan re-balanced (the highest-scored removals elsewhere are given back) so the target
+still holds. A layer whose attention and MLP are both emptied is removed.
+
+``strategy="layer"`` instead removes whole layers, least important (layer importance) first, the
+number of layers whose parameters come closest to the target (the original's layer_pruning.py,
+ShortGPT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from .groups import ATTN, MLP, ParamCounts
+from .importance import METRICS
+from .surgery import LayerKeep
+
+STRATEGIES = ("hgsp", "layer")
+
+
+class PlanError(ValueError):
+    """The plan's settings or inputs cannot produce a valid plan (unreachable target, bad key...)."""
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Settings of the global plan (params.yaml section ``plan``)."""
+
+    ratio: float = 0.2
+    importance: str = "taylor"
+    strategy: str = "hgsp"
+    temperature: float = 1.0
+    tau: float | None = None
+    epsilon: float = 0.0
+    freeze_first_n_layers: int = 0
+    freeze_last_n_layers: int = 0
+    mlp_align: int = 8
+
+    def validate(self) -> None:
+        """Raise PlanError naming the first bad key."""
+        if not 0.0 < self.ratio < 1.0:
+            raise PlanError(f"plan.ratio must be in (0, 1), got {self.ratio}")
+        if self.importance not in METRICS:
+            raise PlanError(f"plan.importance must be one of {list(METRICS)}, got {self.importance!r}")
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"plan.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise PlanError(f"plan.temperature must be a finite number >= 0, got {self.temperature}")
+        if self.tau is not None and (math.isnan(self.tau) or self.tau < 0):
+            raise PlanError(f"plan.tau must be >= 0, inf or null, got {self.tau}")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise PlanError(f"plan.epsilon must be in [0, 1), got {self.epsilon}")
+        if self.freeze_first_n_layers < 0 or self.freeze_last_n_layers < 0:
+            raise PlanError("plan.freeze_first_n_layers and plan.freeze_last_n_layers must be >= 0")
+        if self.mlp_align < 1:
+            raise PlanError(f"plan.mlp_align must be >= 1, got {self.mlp_align}")
+
+    @property
+    def needs_similarity(self) -> bool:
+        """Whether the plan reads layer/block importance (temperature > 0 or layer removal)."""
+        return self.strategy == "layer" or self.temperature > 0
+
+
+@dataclass
+class Plan:
+    """A plan: the annotated group table, per-layer summary, what to keep and the analysis."""
+
+    table: pd.DataFrame
+    layers: pd.DataFrame
+    keep: dict[int, LayerKeep]
+    analysis: dict
+
+
+def check_target(config: PlanConfig, counts: ParamCounts, num_layers: int, layer_costs: np.ndarray) -> int:
+    """Validate settings and return the target in parameters; refuse unreachable targets with numbers."""
+    config.validate()
+    frozen = frozen_mask(num_layers, config)
+    if frozen.all():
+        raise PlanError(f"all {num_layers} layers are frozen (freeze_first_n_layers="
+                        f"{config.freeze_first_n_layers}, freeze_last_n_layers={config.freeze_last_n_layers})")
+    target = int(round(config.ratio * counts.total))
+    available = int(layer_costs[~frozen].sum())
+    if target > available:
+        raise PlanError(
+            f"plan.ratio={config.ratio} asks to remove {target:,} of {counts.total:,} parameters, but only "
+            f"{available:,} are prunable outside the frozen layers ({available / counts.total:.1%} of the model); "
+            "lower the ratio or freeze fewer layers"
+        )
+    return target
+
+
+def frozen_mask(num_layers: int, config: PlanConfig) -> np.ndarray:
+    """[num_layers] bool, True for frozen layers."""
+    idx = np.arange(num_layers)
+    return (idx < config.freeze_first_n_layers) | (idx >= num_layers - config.freeze_last_n_layers)
+
+
+def resolve_tau(config: PlanConfig, layer_importance: np.ndarray) -> float:
+    """tau as given, or the 25th percentile of layer importance when unset."""
+    if config.tau is not None:
+        return float(config.tau)
+    return float(np.percentile(layer_importance, 25))
+
+
+def _priors(table: pd.DataFrame, sim: pd.DataFrame | None, config: PlanConfig, num_layers: int):
+    """Per-group prior and multiplier M, per-layer mode, and tau (None without similarity)."""
+    if config.temperature == 0 or sim is None:
+        if config.needs_similarity:
+            raise PlanError("plan.temperature > 0 needs the similarity table (layer/block importance)")
+        ones = np.ones(len(table))
+        return np.full(len(table), np.nan), ones, np.array(["none"] * num_layers), None
+    sim = sim.set_index("layer").reindex(range(num_layers))
+    if sim.isna().any().any():
+        raise PlanError("the similarity table does not cover every layer of the scored model")
+    layer_imp = sim["layer_importance"].to_numpy()
+    tau = resolve_tau(config, layer_imp)
+    layer_dominant = layer_imp < tau
+    layers = table["layer"].to_numpy()
+    is_attn = (table["kind"] == ATTN).to_numpy()
+    block_imp = np.where(is_attn, sim["attn_importance"].to_numpy()[layers], sim["mlp_importance"].to_numpy()[layers])
+    prior = np.where(layer_dominant[layers], layer_imp[layers], block_imp)
+    prior = np.clip(prior, 0.0, None)  # 1 - cos is >= 0 up to rounding
+    multiplier = np.log1p(prior) ** config.temperature
+    mode = np.where(layer_dominant, "layer", "block")
+    return prior, multiplier, mode, tau
+
+
+def _units(table: pd.DataFrame, eligible: np.ndarray, align: int):
+    """Group the eligible rows into pruning units; returns (unit id per row or -1, unit cost, unit score).
+
+    Attention groups are one unit each; a layer's MLP channels are sorted by score and cut into
+    consecutive runs of ``align`` channels (the last run of a layer may be shorter only if the width
+    is not a multiple of ``align``).
+    """
+    unit_of = np.full(len(table), -1, dtype=np.int64)
+    score = table["score"].to_numpy()
+    cost = table["cost"].to_numpy()
+    rows = np.flatnonzero(eligible)
+    attn_rows = rows[(table["kind"].to_numpy()[rows] == ATTN)]
+    unit_of[attn_rows] = np.arange(len(attn_rows))
+    next_id = len(attn_rows)
+    mlp = table.iloc[rows][table["kind"].to_numpy()[rows] == MLP]
+    for _, block in mlp.groupby("layer", sort=True):
+        r = block.index.to_numpy()
+        order = r[np.lexsort((block["index"].to_numpy(), score[r]))]  # ascending score, ties by index
+        chunks = np.arange(len(order)) // align
+        unit_of[order] = next_id + chunks
+        next_id += int(chunks[-1]) + 1
+    valid = unit_of >= 0
+    unit_cost = np.bincount(unit_of[valid], weights=cost[valid], minlength=next_id)
+    unit_sum = np.bincount(unit_of[valid], weights=score[valid], minlength=next_id)
+    unit_n = np.bincount(unit_of[valid], minlength=next_id)
+    return unit_of, unit_cost.astype(np.int64), unit_sum / np.maximum(unit_n, 1)
+
+
+def _fill(order: np.ndarray, unit_cost: np.ndarray, target: int, forced: np.ndarray) -> np.ndarray:
+    """Take ``forced`` units, then units in ``order`` while they fit under ``target``; returns a bool mask."""
+    taken = forced.copy()
+    removed = int(unit_cost[taken].sum())
+    smallest = int(unit_cost.min()) if len(unit_cost) else 0
+    for u in order:
+        if taken[u]:
+            continue
+        if target - removed < smallest:
+            break
+        c = int(unit_cost[u])
+        if removed + c <= target:
+            taken[u] = True
+            removed += c
+    return taken
+
+
+def _collapse_blocks(table: pd.DataFrame, pruned: np.ndarray, epsilon: float) -> set[tuple[int, str]]:
+    """Blocks that keep some but fewer than ``epsilon`` of their groups."""
+    if epsilon <= 0:
+        return set()
+    frame = pd.DataFrame({"layer": table["layer"], "kind": table["kind"].astype(str), "kept": ~pruned})
+    stats = frame.groupby(["layer", "kind"]).agg(total=("kept", "size"), kept=("kept", "sum"))
+    low = stats[(stats["kept"] > 0) & (stats["kept"] < epsilon * stats["total"])]
+    return {(int(layer), kind) for layer, kind in low.index}
+
+
+def build_plan(scores: pd.DataFrame, similarity: pd.DataFrame | None, counts: ParamCounts, num_layers: int,
+               config: PlanConfig) -> Plan:
+    """Compute the plan from a scored group table (``score_groups``) and the similarity table."""
+    config.validate()
+    if config.importance not in scores.columns:
+        raise PlanError(f"the importance table has no {config.importance!r} column "
+                        f"(it has {[c for c in scores.columns if c in METRICS]}); score with that metric")
+    table = scores[["layer", "kind", "index", "cost", config.importance]].rename(
+        columns={config.importance: "importance"}).reset_index(drop=True)
+    if not np.isfinite(table["importance"]).all():
+        raise PlanError(f"the {config.importance!r} importance column holds NaN or infinite values")
+    layer_costs = np.bincount(table["layer"], weights=table["cost"], minlength=num_layers)
+    target = check_target(config, counts, num_layers, layer_costs)
+    frozen = frozen_mask(num_layers, config)
+    table["frozen"] = frozen[table["layer"].to_numpy()]
+    prior, multiplier, mode, tau = _priors(table, similarity, config, num_layers)
+    table["prior"] = prior
+    table["score"] = table["importance"] / table["cost"] * multiplier
+
+    if config.strategy == "layer":
+        pruned = _layer_removal(table, similarity, layer_costs, frozen, target)
+    else:
+        pruned = _hgsp_select(table, config, target)
+    table["pruned"] = pruned
+    return _finish(table, counts, num_layers, config, target, tau, mode)
+
+
+def _hgsp_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.ndarray:
+    """Global selection over units with epsilon collapse and re-balancing."""
+    eligible = ~table["frozen"].to_numpy()
+    unit_of, unit_cost, unit_score = _units(table, eligible, config.mlp_align)
+    n_units = len(unit_cost)
+    # deterministic order: ascending score, ties by unit id (itself ordered by layer/kind/index)
+    order = np.lexsort((np.arange(n_units), unit_score))
+    valid = unit_of >= 0
+    collapsed: set[tuple[int, str]] = set()
+    layer_kind = list(zip(table["layer"].to_numpy(), table["kind"].astype(str).to_numpy()))
+    while True:
+        forced = np.zeros(n_units, dtype=bool)
+        if collapsed:
+            in_collapsed = np.array([lk in collapsed for lk in layer_kind]) & valid
+            forced[unit_of[in_collapsed]] = True
+        taken = _fill(order, unit_cost, target, forced)
+        pruned = np.zeros(len(table), dtype=bool)
+        pruned[valid] = taken[unit_of[valid]]
+        new = _collapse_blocks(table, pruned, config.epsilon) - collapsed
+        if not new:
+            return pruned
+        collapsed |= new
+
+
+def _layer_removal(table, similarity, layer_costs, frozen, target) -> np.ndarray:
+    """Remove the least important whole layers whose summed cost comes closest to the target."""
+    imp = similarity.set_index("layer")["layer_importance"].reindex(range(len(layer_costs))).to_numpy()
+    candidates = [i for i in np.lexsort((np.arange(len(imp)), imp)) if not frozen[i]]
+    removed, best, best_gap = 0, 0, target
+    for n, layer in enumerate(candidates, start=1):
+        removed += layer_costs[layer]
+        if abs(target - removed) < best_gap:
+            best, best_gap = n, abs(target - removed)
+    drop = set(candidates[:best])
+    return table["layer"].isin(drop).to_numpy()
+
+
+def _finish(table, counts: ParamCounts, num_layers: int, config: PlanConfig, target: int, tau, mode) -> Plan:
+    """Derive keep lists, the per-layer summary and the analysis from the pruned flags."""
+    keep: dict[int, LayerKeep] = {}
+    rows = []
+    for layer in range(num_layers):
+        sub = table[table["layer"] == layer]
+        kept = {kind: sorted(sub.loc[(sub["kind"] == kind) & ~sub["pruned"], "index"].astype(int).tolist())
+                for kind in (ATTN, MLP)}
+        total = {kind: int((sub["kind"] == kind).sum()) for kind in (ATTN, MLP)}
+        if any(len(kept[k]) != total[k] for k in (ATTN, MLP)):
+            keep[layer] = LayerKeep(attn=kept[ATTN], mlp=kept[MLP])
+        layer_removed = total[ATTN] + total[MLP] > 0 and not kept[ATTN] and not kept[MLP]
+        rows.append({
+            "layer": layer, "mode": str(mode[layer]), "frozen": bool(sub["frozen"].any()),
+            "attn_groups": total[ATTN], "attn_kept": len(kept[ATTN]),
+            "mlp_channels": total[MLP], "mlp_kept": len(kept[MLP]),
+            "attn_removed": total[ATTN] > 0 and not kept[ATTN],
+            "mlp_removed": total[MLP] > 0 and not kept[MLP],
+            "layer_removed": layer_removed,
+            "params_removed": int(sub.loc[sub["pruned"], "cost"].sum()),
+        })
+    layers = pd.DataFrame(rows)
+    # a removed layer also takes its norms, which belong to no group
+    group_removed = int(table.loc[table["pruned"], "cost"].sum())
+    removed = group_removed + int(layers["layer_removed"].sum()) * counts.layer_extra
+    analysis = {
+        "config": asdict(config),
+        "tau_used": tau,
+        "params_before": counts.total,
+        "params_after": counts.total - removed,
+        "embedding_params": counts.embeddings,
+        "prunable_params_before": counts.prunable,
+        "prunable_params_after": counts.prunable - group_removed,
+        "target_params_removed": target,
+        "params_removed": removed,
+        "ratio_total": removed / counts.total,
+        "ratio_prunable": group_removed / counts.prunable,
+        "ratio_counts_embeddings": True,
+        "groups_removed": {k: int(((table["kind"] == k) & table["pruned"]).sum()) for k in (ATTN, MLP)},
+        "removed_layers": layers.loc[layers["layer_removed"], "layer"].astype(int).tolist(),
+        "removed_attention_blocks": layers.loc[layers["attn_removed"], "layer"].astype(int).tolist(),
+        "removed_mlp_blocks": layers.loc[layers["mlp_removed"], "layer"].astype(int).tolist(),
+        "per_layer": {
+            int(r.layer): {"attn_kept": int(r.attn_kept), "attn_groups": int(r.attn_groups),
+                           "mlp_kept": int(r.mlp_kept), "mlp_channels": int(r.mlp_channels), "mode": r.mode}
+            for r in layers.itertuples()
+        },
+    }
+    return Plan(table=table, layers=layers, keep=keep, analysis=analysis)

@@ -1,0 +1,71 @@
+"""Contract tests run against every family adapter on tiny random configs."""
+
+import pytest
+from transformers import AutoConfig
+
+from gqaprune.adapters import ADAPTERS, UnsupportedModelError, get_adapter
+from gqaprune.groups import group_table, layer_shapes, parameter_counts
+from gqaprune.random_models import PRESETS, TINY_PRESETS, build_config, build_model
+
+EXPECTED_RATIO = {"tiny-llama-gqa4": 4, "tiny-llama-gqa3": 3, "tiny-qwen2-gqa7": 7, "tiny-mistral-mha": 1}
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+class TestAdapterContract:
+    def test_geometry_from_config(self, preset):
+        config = build_config(preset)
+        geo = get_adapter(config).geometry(config)
+        assert geo.model_type == PRESETS[preset][0]
+        assert geo.q_per_kv == EXPECTED_RATIO[preset]
+        assert geo.head_dim == config.hidden_size // config.num_attention_heads
+        assert geo.qkv_bias == (geo.model_type == "qwen2")
+
+    def test_group_costs_match_module_parameters(self, preset):
+        model = build_model(preset)
+        adapter = get_adapter(model.config)
+        geo = adapter.geometry(model.config)
+        layer = adapter.layers(model)[0]
+        attn_params = sum(p.numel() for lin in adapter.attn_projections(layer) for p in lin.parameters())
+        mlp_params = sum(p.numel() for lin in adapter.mlp_projections(layer) for p in lin.parameters())
+        assert attn_params == geo.num_kv_heads * geo.attn_group_cost  # no o_proj bias in these families
+        assert mlp_params == geo.intermediate_size * geo.mlp_channel_cost
+
+    def test_parameter_counts_add_up(self, preset):
+        model = build_model(preset)
+        adapter = get_adapter(model.config)
+        geo = adapter.geometry(model.config)
+        counts = parameter_counts(model, adapter, geo)
+        final_norm = model.model.norm.weight.numel()
+        assert counts.total == counts.embeddings + counts.prunable + geo.num_layers * counts.layer_extra + final_norm
+        table = group_table(layer_shapes(model, adapter, geo), geo)
+        assert int(table["cost"].sum()) == counts.prunable
+        assert len(table) == geo.num_layers * (geo.num_kv_heads + geo.intermediate_size)
+
+
+def test_untied_qwen2_counts_lm_head_as_embedding():
+    model = build_model("tiny-qwen2-gqa7")
+    adapter = get_adapter(model.config)
+    counts = parameter_counts(model, adapter, adapter.geometry(model.config))
+    assert counts.embeddings == 2 * model.config.vocab_size * model.config.hidden_size
+
+
+def test_mha_when_kv_heads_absent():
+    config = AutoConfig.for_model("llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                  intermediate_size=16)
+    del config.num_key_value_heads
+    geo = get_adapter(config).geometry(config)
+    assert geo.num_kv_heads == 4 and geo.q_per_kv == 1 and geo.head_dim == 8
+
+
+def test_unsupported_family_names_supported_ones():
+    config = AutoConfig.for_model("gpt2")
+    with pytest.raises(UnsupportedModelError) as err:
+        get_adapter(config)
+    for family in ADAPTERS:
+        assert family in str(err.value)
+
+
+def test_heads_not_divisible_by_kv_heads_refused():
+    config = AutoConfig.for_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(UnsupportedModelError, match="num_key_value_heads=4"):
+        get_adapter(config)

@@ -1,0 +1,141 @@
+"""H-GSP plan: budget exactness, determinism, tau / epsilon / temperature semantics, refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gqaprune.adapters import get_adapter
+from gqaprune.artifacts import ArtifactMismatchError, check_fingerprint, read_table, write_table
+from gqaprune.groups import parameter_counts
+from gqaprune.importance import score_groups
+from gqaprune.modelio import fingerprint
+from gqaprune.plan import PlanConfig, PlanError, build_plan
+from gqaprune.random_models import build_model
+from gqaprune.similarity import block_similarity
+from gqaprune.surgery import prune_model
+
+SAMPLES = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def scored():
+    model = build_model("tiny-llama-gqa4", num_hidden_layers=6)
+    adapter = get_adapter(model.config)
+    geo = adapter.geometry(model.config)
+    counts = parameter_counts(model, adapter, geo)
+    scores = score_groups(model, SAMPLES, progress=False)
+    sim = block_similarity(model, SAMPLES, progress=False)
+    return model, geo, counts, scores, sim
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("align", [1, 8])
+def test_budget_lands_within_one_unit(scored, ratio, align):
+    model, geo, counts, scores, sim = scored
+    plan = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=ratio, mlp_align=align))
+    a = plan.analysis
+    gap = a["target_params_removed"] - a["params_removed"]
+    assert 0 <= gap < align * geo.mlp_channel_cost
+    assert a["target_params_removed"] == round(ratio * counts.total)
+    assert (plan.layers["mlp_kept"] % align == 0).all()
+    # the plan's numbers are the model's after surgery
+    import copy
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, plan.keep)
+    after = parameter_counts(pruned, get_adapter(pruned.config), geo)
+    assert after.total == a["params_after"]
+
+
+def test_same_inputs_give_byte_identical_plan(scored):
+    _, geo, counts, scores, sim = scored
+    config = PlanConfig(ratio=0.3, epsilon=0.3)
+    one = build_plan(scores, sim, counts, geo.num_layers, config)
+    two = build_plan(scores.copy(), sim.copy(), counts, geo.num_layers, config)
+    assert one.table.to_csv().encode() == two.table.to_csv().encode()
+    assert one.analysis == two.analysis
+
+
+def test_temperature_zero_needs_no_similarity_and_ranks_by_importance(scored):
+    _, geo, counts, scores, _ = scored
+    plan = build_plan(scores, None, counts, geo.num_layers, PlanConfig(ratio=0.2, temperature=0, mlp_align=1))
+    t = plan.table
+    assert (t["score"] == t["importance"] / t["cost"]).all()
+    # every pruned MLP channel scores no higher than every kept MLP channel of the same cost
+    mlp = t[t["kind"] == "mlp"]
+    assert mlp[mlp["pruned"]]["score"].max() <= mlp[~mlp["pruned"]]["score"].min()
+    with pytest.raises(PlanError, match="similarity"):
+        build_plan(scores, None, counts, geo.num_layers, PlanConfig(ratio=0.2, temperature=1))
+
+
+def test_tau_gates_layer_and_block_priors(scored):
+    _, geo, counts, scores, sim = scored
+    all_layer = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=math.inf))
+    assert set(all_layer.layers["mode"]) == {"layer"}
+    t = all_layer.table
+    assert np.allclose(t["prior"], sim["layer_importance"].to_numpy()[t["layer"]])
+    all_block = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=0.0))
+    assert set(all_block.layers["mode"]) == {"block"}
+    default = build_plan(scores, sim, counts, geo.num_layers, PlanConfig())
+    assert default.analysis["tau_used"] == pytest.approx(np.percentile(sim["layer_importance"], 25))
+    t = default.table
+    expected = t["importance"] / t["cost"] * np.log1p(t["prior"])
+    assert np.allclose(t["score"], expected)
+
+
+def test_epsilon_collapses_thin_blocks_and_keeps_budget(scored):
+    _, geo, counts, scores, sim = scored
+    plan = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.4, epsilon=0.6, mlp_align=1))
+    layers = plan.layers
+    for kind, total in (("attn", "attn_groups"), ("mlp", "mlp_channels")):
+        kept = layers[f"{kind}_kept"]
+        assert not ((kept > 0) & (kept < 0.6 * layers[total])).any()
+    gap = plan.analysis["target_params_removed"] - plan.analysis["params_removed"]
+    assert 0 <= gap < geo.mlp_channel_cost or plan.analysis["removed_layers"]
+
+
+def test_frozen_layers_untouched_and_layer_strategy(scored):
+    _, geo, counts, scores, sim = scored
+    plan = build_plan(scores, sim, counts, geo.num_layers,
+                      PlanConfig(ratio=0.3, freeze_first_n_layers=2, freeze_last_n_layers=1))
+    assert not plan.table[plan.table["layer"].isin([0, 1, 5])]["pruned"].any()
+    layered = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.3, strategy="layer"))
+    removed = layered.analysis["removed_layers"]
+    assert len(removed) == 2  # 2 of 6 layers is the closest to 30% of all parameters here
+    least = sim.sort_values("layer_importance")["layer"].tolist()[:2]
+    assert sorted(removed) == sorted(least)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ratio=1.0), "plan.ratio"),
+    (dict(ratio=0.0), "plan.ratio"),
+    (dict(ratio=0.6, freeze_first_n_layers=4), "only"),
+    (dict(ratio=0.2, freeze_first_n_layers=3, freeze_last_n_layers=3), "frozen"),
+    (dict(importance="fisher"), "plan.importance"),
+    (dict(temperature=-1.0), "plan.temperature"),
+    (dict(epsilon=1.5), "plan.epsilon"),
+])
+def test_impossible_settings_refused(scored, kwargs, message):
+    _, geo, counts, scores, sim = scored
+    with pytest.raises(PlanError, match=message):
+        build_plan(scores, sim, counts, geo.num_layers, PlanConfig(**kwargs))
+
+
+def test_nan_scores_refused(scored):
+    _, geo, counts, scores, sim = scored
+    bad = scores.copy()
+    bad.loc[3, "taylor"] = np.nan
+    with pytest.raises(PlanError, match="NaN"):
+        build_plan(bad, sim, counts, geo.num_layers, PlanConfig())
+
+
+def test_scores_of_another_model_refused(scored, tmp_path):
+    model, _, _, scores, _ = scored
+    write_table(tmp_path / "scores.parquet", scores, {"fingerprint": fingerprint(model)})
+    table, meta = read_table(tmp_path / "scores.parquet")
+    check_fingerprint(meta, fingerprint(model), "scores")  # same model: accepted
+    other = build_model("tiny-llama-gqa4", num_hidden_layers=6, seed=7)
+    with pytest.raises(ArtifactMismatchError, match="scores"):
+        check_fingerprint(meta, fingerprint(other), "scores")
+    assert table["taylor"].tolist() == scores["taylor"].tolist()

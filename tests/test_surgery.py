@@ -1,0 +1,135 @@
+"""Surgery: removing a group equals zeroing it; pruned checkpoints reload with identical logits."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gqaprune.adapters import get_adapter
+from gqaprune.groups import parameter_counts
+from gqaprune.hf_code.modeling_gqaprune import EmptyAttention, EmptyMLP
+from gqaprune.modelio import load_causal_lm
+from gqaprune.random_models import TINY_PRESETS, build_model
+from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def zero_attention_group(model, layer, group):
+    """Zero what group ``group`` of ``layer`` contributes: its o_proj input columns."""
+    geo = get_adapter(model.config).geometry(model.config)
+    width = geo.q_per_kv * geo.head_dim
+    with torch.no_grad():
+        model.model.layers[layer].self_attn.o_proj.weight[:, group * width:(group + 1) * width] = 0
+
+
+def zero_mlp_channel(model, layer, channel):
+    with torch.no_grad():
+        model.model.layers[layer].mlp.down_proj.weight[:, channel] = 0
+
+
+def full_keep(model, layer):
+    geo = get_adapter(model.config).geometry(model.config)
+    return LayerKeep(attn=list(range(geo.num_kv_heads)), mlp=list(range(geo.intermediate_size)))
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_removing_attention_group_equals_zeroing_it(preset):
+    model = build_model(preset)
+    reference = copy.deepcopy(model)
+    geo = get_adapter(model.config).geometry(model.config)
+    group = geo.num_kv_heads - 1
+    zero_attention_group(reference, 1, group)
+    keep = full_keep(model, 1)
+    keep.attn.remove(group)
+    prune_model(model, {1: keep})
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
+    # and the group really mattered
+    assert not torch.allclose(logits(model), logits(build_model(preset)), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_removing_mlp_channels_equals_zeroing_them(preset):
+    model = build_model(preset)
+    reference = copy.deepcopy(model)
+    for c in (0, 5, 7):
+        zero_mlp_channel(reference, 0, c)
+    keep = full_keep(model, 0)
+    keep.mlp = [c for c in keep.mlp if c not in (0, 5, 7)]
+    prune_model(model, {0: keep})
+    assert model.model.layers[0].mlp.down_proj.in_features == model.config.intermediate_size - 3
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
+
+
+def test_emptied_blocks_and_removed_layer():
+    model = build_model("tiny-llama-gqa4")
+    reference = copy.deepcopy(model)
+    before = parameter_counts(model, get_adapter(model.config), get_adapter(model.config).geometry(model.config))
+    with torch.no_grad():
+        reference.model.layers[0].self_attn.o_proj.weight.zero_()   # layer 0: attention gone
+        reference.model.layers[2].mlp.down_proj.weight.zero_()      # layer 2: MLP gone
+    del reference.model.layers[1]                                   # layer 1: removed
+    reference.config.num_hidden_layers = 3
+    for i, layer in enumerate(reference.model.layers):
+        layer.self_attn.layer_idx = i
+    geo = get_adapter(model.config).geometry(model.config)
+    report = prune_model(model, {
+        0: LayerKeep(attn=[], mlp=list(range(geo.intermediate_size))),
+        1: LayerKeep(attn=[], mlp=[]),
+        2: LayerKeep(attn=list(range(geo.num_kv_heads)), mlp=[]),
+    })
+    assert report.removed_layers == [1] and report.kept_layers == [0, 2, 3]
+    assert isinstance(model.model.layers[0].self_attn, EmptyAttention)
+    assert isinstance(model.model.layers[1].mlp, EmptyMLP)
+    assert model.config.num_hidden_layers == 3
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
+    after = parameter_counts(model, get_adapter(model.config), geo)
+    removed = 2 * geo.num_kv_heads * geo.attn_group_cost + 2 * geo.intermediate_size * geo.mlp_channel_cost
+    assert before.total - after.total == removed + before.layer_extra
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_save_reload_both_ways_and_generate(preset, tmp_path):
+    model = build_model(preset)
+    geo = get_adapter(model.config).geometry(model.config)
+    plan = {0: LayerKeep(attn=list(range(geo.num_kv_heads))[:-1] or [], mlp=list(range(0, geo.intermediate_size, 2))),
+            1: LayerKeep(attn=[], mlp=list(range(8)))}
+    prune_model(model, plan)
+    expected = logits(model)
+    out = save_pruned(model, None, tmp_path / "pruned", info={"source": preset})
+    config = json.loads((out / "config.json").read_text())
+    assert config["gqaprune_layers"][1]["num_key_value_heads"] == 0
+    assert (out / "modeling_gqaprune.py").is_file() and (out / "model.safetensors").is_file()
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(remote).__name__.startswith("Pruned")
+    assert torch.equal(logits(remote), expected)
+    own = load_causal_lm(out).eval()
+    assert torch.equal(logits(own), expected)
+    generated = remote.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+    # greedy generation with the cache equals argmax over a full forward pass
+    full = logits(remote, generated[:, :-1]).argmax(-1)
+    assert torch.equal(full[:, 3:], generated[:, 4:])
+
+
+def test_uniform_pruning_gives_standard_config(tmp_path):
+    model = build_model("tiny-llama-gqa4")
+    geo = get_adapter(model.config).geometry(model.config)
+    keep = LayerKeep(attn=[1], mlp=list(range(0, geo.intermediate_size, 2)))
+    report = prune_model(model, {i: keep for i in range(geo.num_layers)})
+    assert report.uniform
+    out = save_pruned(model, None, tmp_path / "uniform")
+    config = json.loads((out / "config.json").read_text())
+    assert "gqaprune_layers" not in config and "auto_map" not in config
+    assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 4
+    assert not (out / "modeling_gqaprune.py").exists()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert torch.equal(logits(plain), logits(model))
