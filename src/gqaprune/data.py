@@ -1,0 +1,407 @@
+"""Text corpora by name, and calibration samples drawn from them.
+
+Corpora and splits
+------------------
+* ``wikitext2``: splits ``validation``, ``test`` (``train`` only from the hub: there is no local
+  copy). Rows are the HF ``wikitext``/``wikitext-2-raw-v1`` ``text`` column: one row per raw line
+  with its trailing ``"\\n"``, whitespace-only lines as ``""`` (test 4,358 rows, validation 3,760).
+* ``ptb``: splits ``train``, ``validation``, ``test``. Rows are the HF ``ptb_text_only``
+  ``sentence`` column: each line of Mikolov's ``ptb.*.txt`` with ``.strip()`` (test 3,761 rows).
+* ``c4``: splits ``calibration``, ``validation``: ``text`` of C4 ``en`` *validation* documents,
+  see below.
+* ``alpaca``: split ``train``: instruction records, see :func:`load_instructions`.
+
+C4: the local mirror holds a 2,000-document subset of the C4 ``en`` validation set
+(``c4/c4_validation_2k.parquet``, or the same documents as ``.jsonl``). It is cut deterministically
+into two disjoint halves, in file order: split ``calibration`` = documents ``[0, 1000)``, split
+``validation`` = documents ``[1000, 2000)``. From the hub the same rule is applied to the first
+2,000 documents of ``en/c4-validation.00000-of-00008.json.gz`` (different documents from the local
+subset; neither is the SparseGPT/Wanda C4 setup, so C4 numbers are for relative comparison only).
+A source with fewer than 2,000 documents is cut at ``n // 2``.
+
+Where the data comes from (first hit wins)
+------------------------------------------
+1. ``path``: an explicit local file. It is authoritative: if it does not exist,
+   :class:`DataNotFoundError` is raised at once instead of silently using other data.
+2. A local mirror directory: the ``data_dir`` argument, else the environment variable
+   ``GQAPRUNE_DATA_DIR``. Its layout is that of the project's shared data folder
+   (``wikitext-2-raw/wiki.{valid,test}.hf_rows.jsonl``, ``ptb/ptb.{train,valid,test}.txt``,
+   ``c4/c4_validation_2k.{parquet,jsonl}``, ``alpaca/{alpaca_data_first200,alpaca_en_demo}.json``).
+3. The Hugging Face hub through :func:`datasets.load_dataset`.
+
+If none works, :class:`DataNotFoundError` lists every place that was tried and why it failed.
+Offline, the hub step spends about 25 s in retries before failing; set ``HF_HUB_OFFLINE=1`` to make
+it fail at once.
+
+Text protocol (LLM-Pruner's perplexity protocol, the one used for calibration too)
+----------------------------------------------------------------------------------
+* All rows of the split, in order, are joined with ``"\\n\\n"`` into one string (empty rows are
+  kept, so wikitext's blank rows give runs of newlines exactly as in LLM-Pruner/GPTQ).
+* The string is tokenised **once** with the tokenizer's default special tokens
+  (``add_special_tokens=True``): a tokenizer that adds a BOS (LLaMA, Mistral) puts exactly one BOS
+  at position 0 of the whole stream and nowhere else; one that adds none (Qwen2) adds none.
+* Evaluation (:mod:`gqaprune.evaluation`) cuts the stream into non-overlapping windows of
+  ``seq_len`` tokens starting at token 0 and drops the final partial window.
+* Calibration (:func:`calibration_samples`) draws ``n_samples`` window starts uniformly from
+  ``[0, n_tokens - seq_len]`` with a seeded ``torch.Generator`` (with replacement; windows may
+  overlap) and returns those windows of exactly ``seq_len`` tokens.
+
+Calibration and evaluation never share text: :data:`CALIBRATION_SPLIT` and :data:`EVALUATION_SPLIT`
+name disjoint splits per corpus and :func:`calibration_samples` refuses an evaluation split.
+Note: LLM-Pruner's own loader evaluates PTB on the *validation* split; here PTB is evaluated on
+``test`` (as the project spec asks), so PTB numbers are not directly comparable with theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CALIBRATION_SPLIT",
+    "CORPORA",
+    "DATA_DIR_ENV",
+    "EVALUATION_SPLIT",
+    "DataNotFoundError",
+    "calibration_samples",
+    "corpus_token_ids",
+    "join_rows",
+    "load_instructions",
+    "load_rows",
+    "resolve_data_dir",
+    "tokenize_text",
+]
+
+DATA_DIR_ENV = "GQAPRUNE_DATA_DIR"
+
+#: Split used for calibration by default, per corpus.
+CALIBRATION_SPLIT: dict[str, str] = {"wikitext2": "validation", "ptb": "train", "c4": "calibration"}
+#: Split used for perplexity evaluation, per corpus (never used for calibration).
+EVALUATION_SPLIT: dict[str, str] = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+
+#: Valid split names per corpus.
+CORPORA: dict[str, tuple[str, ...]] = {
+    "wikitext2": ("train", "validation", "test"),
+    "ptb": ("train", "validation", "test"),
+    "c4": ("calibration", "validation"),
+    "alpaca": ("train",),
+}
+
+# Files of the local mirror, relative to the data directory: corpus -> split -> candidates (first
+# existing one is used). For c4 both splits come from the same 2,000-document file.
+_LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "wikitext2": {
+        "train": ("wikitext-2-raw/wiki.train.hf_rows.jsonl",),
+        "validation": ("wikitext-2-raw/wiki.valid.hf_rows.jsonl",),
+        "test": ("wikitext-2-raw/wiki.test.hf_rows.jsonl",),
+    },
+    "ptb": {
+        "train": ("ptb/ptb.train.txt",),
+        "validation": ("ptb/ptb.valid.txt",),
+        "test": ("ptb/ptb.test.txt",),
+    },
+    "c4": {
+        "calibration": ("c4/c4_validation_2k.parquet", "c4/c4_validation_2k.jsonl"),
+        "validation": ("c4/c4_validation_2k.parquet", "c4/c4_validation_2k.jsonl"),
+    },
+}
+# Alpaca: every one of these that exists is loaded, in this order, and concatenated.
+_ALPACA_FILES = ("alpaca/alpaca_data_first200.json", "alpaca/alpaca_en_demo.json")
+
+_C4_DOCS = 2000  # documents taken from a C4 source; first half calibration, second half validation
+_ROW_COLUMN = {"wikitext2": "text", "ptb": "sentence", "c4": "text"}  # HF column holding the text
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No source (explicit path, local mirror, Hugging Face hub) could provide the requested data."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """Return the local mirror directory: ``data_dir`` if given, else ``$GQAPRUNE_DATA_DIR``, else None.
+
+    The path is returned absolute (relative paths are taken relative to the current directory) but
+    is not checked for existence.
+    """
+    value = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    return None if value is None else Path(value).expanduser().absolute()
+
+
+def _check_split(name: str, split: str) -> None:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPORA)}")
+    if split not in CORPORA[name]:
+        raise ValueError(f"corpus {name!r} has no split {split!r}; splits: {list(CORPORA[name])}")
+
+
+def _hf_rows_from_raw(lines: list[str]) -> list[str]:
+    # The HF wikitext rule: one row per line, newline kept, whitespace-only lines become "".
+    return [line if line.strip() else "" for line in lines]
+
+
+def _read_column(file: Path, column: str) -> list[str]:
+    """Read one text column of a parquet / json / jsonl(.gz) file through ``datasets``."""
+    from datasets import load_dataset
+
+    suffixes = file.suffixes
+    builder = "parquet" if ".parquet" in suffixes else "json"
+    ds = load_dataset(builder, data_files=str(file), split="train")
+    if column not in ds.column_names:
+        # ptb mirrors may call the column "text" rather than HF's "sentence"
+        alt = "text" if "text" in ds.column_names else None
+        if alt is None:
+            raise ValueError(f"{file} has no column {column!r} (columns: {ds.column_names})")
+        column = alt
+    return [str(x) if x is not None else "" for x in ds[column]]
+
+
+def _read_local_rows(name: str, file: Path) -> list[str]:
+    """Rows of corpus ``name`` from one local file (format chosen by its suffix)."""
+    if file.suffix in (".txt", ".raw"):
+        with open(file, encoding="utf-8") as f:  # iterate lines as the HF loaders do
+            lines = list(f)
+        if name == "wikitext2":
+            return _hf_rows_from_raw(lines)
+        return [line.strip() for line in lines]
+    return _read_column(file, _ROW_COLUMN[name])
+
+
+def _load_from_hub(name: str, split: str) -> list[str] | list[dict]:
+    """Load a corpus split from the Hugging Face hub (needs network access)."""
+    from datasets import load_dataset
+
+    if name == "wikitext2":
+        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    if name == "ptb":
+        return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+    if name == "c4":
+        ds = load_dataset(
+            "allenai/c4",
+            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            split="validation",
+        )
+        return list(ds.select(range(min(_C4_DOCS, len(ds))))["text"])
+    if name == "alpaca":
+        return load_dataset("yahma/alpaca-cleaned", split="train").to_list()
+    raise ValueError(f"no hub source for {name!r}")
+
+
+def _hub_label(name: str, split: str) -> str:
+    return {
+        "wikitext2": f"wikitext/wikitext-2-raw-v1 split {split!r}",
+        "ptb": f"ptb_text_only/penn_treebank split {split!r}",
+        "c4": "allenai/c4 en/c4-validation.00000-of-00008.json.gz",
+        "alpaca": "yahma/alpaca-cleaned split 'train'",
+    }[name]
+
+
+def _c4_half(docs: list[str], split: str) -> list[str]:
+    docs = docs[:_C4_DOCS]
+    half = len(docs) // 2
+    return docs[:half] if split == "calibration" else docs[half:]
+
+
+def _not_found(what: str, looked: list[str]) -> DataNotFoundError:
+    lines = "\n".join(f"  {i}. {entry}" for i, entry in enumerate(looked, 1))
+    return DataNotFoundError(
+        f"could not load {what}; looked in:\n{lines}\n"
+        f"Pass path=..., or data_dir=... / set ${DATA_DIR_ENV} to a local mirror, or allow hub access."
+    )
+
+
+def load_rows(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+) -> list[str]:
+    """Return the text rows of corpus ``name`` (``wikitext2``, ``ptb``, ``c4``), split ``split``.
+
+    Rows follow the HF datasets' row structure (see the module docstring). ``path`` is an explicit
+    file for exactly this split (``.jsonl``/``.json``/``.parquet`` with a ``text`` or ``sentence``
+    column, or ``.txt``/``.raw`` lines); for ``c4`` it is the whole document file and the
+    calibration/validation half is cut from it. Otherwise the local mirror (``data_dir`` or
+    ``$GQAPRUNE_DATA_DIR``) is tried, then the Hugging Face hub.
+
+    Raises:
+        ValueError: unknown corpus or split (or ``alpaca``: use :func:`load_instructions`).
+        DataNotFoundError: no source had the data; the message lists every place tried.
+    """
+    if name == "alpaca":
+        raise ValueError("alpaca holds instruction records; use load_instructions()")
+    _check_split(name, split)
+    what = f"{name} split {split!r}"
+    looked: list[str] = []
+
+    if path is not None:
+        file = Path(path).expanduser().absolute()
+        if not file.is_file():
+            raise _not_found(what, [f"explicit path {file}: no such file"])
+        rows = _read_local_rows(name, file)
+        return _c4_half(rows, split) if name == "c4" else rows
+
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        looked.append(f"local mirror: none given (no data_dir argument, ${DATA_DIR_ENV} unset)")
+    else:
+        source = "data_dir argument" if data_dir is not None else f"${DATA_DIR_ENV}"
+        for rel in _LOCAL_FILES[name][split]:
+            file = root / rel
+            if file.is_file():
+                rows = _read_local_rows(name, file)
+                return _c4_half(rows, split) if name == "c4" else rows
+            reason = "no such file" if root.is_dir() else "data directory does not exist"
+            looked.append(f"local mirror ({source}) {file}: {reason}")
+
+    try:
+        rows = _load_from_hub(name, split)
+    except Exception as exc:  # offline, missing dataset, removed loader script, ...
+        looked.append(f"Hugging Face hub {_hub_label(name, split)}: {type(exc).__name__}: {exc}")
+        raise _not_found(what, looked) from exc
+    return _c4_half(rows, split) if name == "c4" else rows
+
+
+def _normalise_record(rec: dict) -> dict:
+    return {k: "" if rec.get(k) is None else str(rec.get(k)) for k in ("instruction", "input", "output")}
+
+
+def load_instructions(
+    name: str = "alpaca",
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+) -> list[dict]:
+    """Return instruction records ``{"instruction", "input", "output"}`` (all ``str``).
+
+    ``path`` is one JSON file (a list of records, or JSON lines) or a sequence of them, concatenated
+    in the given order. Otherwise the local mirror's ``alpaca/alpaca_data_first200.json`` followed
+    by ``alpaca/alpaca_en_demo.json`` (those that exist; 1,199 records with both), else
+    ``yahma/alpaca-cleaned`` from the hub.
+
+    Raises:
+        ValueError: unknown corpus or split.
+        DataNotFoundError: no source had the data; the message lists every place tried.
+    """
+    if name != "alpaca":
+        raise ValueError(f"unknown instruction corpus {name!r}; known: ['alpaca']")
+    _check_split(name, split)
+    what = f"{name} split {split!r}"
+
+    def read(files: list[Path]) -> list[dict]:
+        records: list[dict] = []
+        for file in files:
+            text = file.read_text(encoding="utf-8")
+            if file.suffix == ".jsonl":
+                records += [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                records += json.loads(text)
+        return [_normalise_record(r) for r in records]
+
+    if path is not None:
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        files = [Path(p).expanduser().absolute() for p in paths]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise _not_found(what, [f"explicit path {f}: no such file" for f in missing])
+        return read(files)
+
+    looked: list[str] = []
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        looked.append(f"local mirror: none given (no data_dir argument, ${DATA_DIR_ENV} unset)")
+    else:
+        files = [root / rel for rel in _ALPACA_FILES if (root / rel).is_file()]
+        if files:
+            return read(files)
+        looked += [f"local mirror {root / rel}: no such file" for rel in _ALPACA_FILES]
+
+    try:
+        records = _load_from_hub(name, split)
+    except Exception as exc:
+        looked.append(f"Hugging Face hub {_hub_label(name, split)}: {type(exc).__name__}: {exc}")
+        raise _not_found(what, looked) from exc
+    return [_normalise_record(r) for r in records]
+
+
+def join_rows(rows: Sequence[str]) -> str:
+    """Join rows into the single evaluation/calibration string: ``"\\n\\n".join(rows)``."""
+    return "\n\n".join(rows)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Tokenise ``text`` in one call with the tokenizer's default special tokens.
+
+    Returns a 1-D ``torch.long`` tensor ``[n_tokens]``. A tokenizer that adds a BOS adds it once, at
+    position 0. The "sequence longer than model max length" warning is suppressed (the stream is
+    cut into windows afterwards, never fed whole).
+    """
+    enc = tokenizer(text, add_special_tokens=True, return_attention_mask=False, verbose=False)
+    return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def corpus_token_ids(
+    tokenizer,
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Token ids ``[n_tokens]`` (``torch.long``) of a corpus split: rows joined, tokenised once."""
+    return tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir, path=path)))
+
+
+def calibration_samples(
+    tokenizer,
+    name: str,
+    split: str | None,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Draw ``n_samples`` calibration windows of exactly ``seq_len`` tokens.
+
+    The split's rows are joined with ``"\\n\\n"`` and tokenised once (see module docstring);
+    window starts are drawn uniformly from ``[0, n_tokens - seq_len]`` by
+    ``torch.randint`` with a ``torch.Generator`` seeded with ``seed`` (with replacement), so the
+    result is a deterministic function of (tokenizer, text, n_samples, seq_len, seed).
+
+    Args:
+        split: ``None`` for :data:`CALIBRATION_SPLIT` ``[name]``; an evaluation split is refused.
+
+    Returns:
+        ``torch.long`` tensor ``[n_samples, seq_len]``.
+
+    Raises:
+        ValueError: non-positive ``n_samples``/``seq_len``, unknown corpus/split, an evaluation
+            split, or a text with fewer than ``n_samples * seq_len`` tokens.
+        DataNotFoundError: the corpus could not be found.
+    """
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples <= 0:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if name not in CALIBRATION_SPLIT:
+        raise ValueError(f"cannot calibrate on {name!r}; calibration corpora: {sorted(CALIBRATION_SPLIT)}")
+    split = CALIBRATION_SPLIT[name] if split is None else split
+    _check_split(name, split)
+    if split == EVALUATION_SPLIT[name]:
+        raise ValueError(
+            f"{name} split {split!r} is the evaluation split; calibrate on another split "
+            f"(default {CALIBRATION_SPLIT[name]!r}) so calibration and evaluation text do not overlap"
+        )
+
+    ids = corpus_token_ids(tokenizer, name, split, data_dir=data_dir)  # [n_tokens]
+    n_tokens = int(ids.numel())
+    if n_tokens < n_samples * seq_len:
+        raise ValueError(
+            f"{name} split {split!r} has {n_tokens} tokens, too short for {n_samples} samples x "
+            f"{seq_len} tokens = {n_samples * seq_len}; ask for fewer or shorter samples"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)  # [n_samples]
+    offsets = torch.arange(seq_len)  # [seq_len]
+    return ids[starts[:, None] + offsets[None, :]]  # [n_samples, seq_len]

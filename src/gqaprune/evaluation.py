@@ -1,0 +1,209 @@
+"""Perplexity evaluation with LLM-Pruner's protocol.
+
+Protocol (see also :mod:`gqaprune.data`):
+
+* Text: all rows of the corpus' evaluation split (:data:`gqaprune.data.EVALUATION_SPLIT`:
+  wikitext2 -> ``test``, ptb -> ``test``, c4 -> ``validation`` half of the local C4 subset),
+  joined with ``"\\n\\n"`` and tokenised once with the tokenizer's default special tokens (a BOS,
+  if the tokenizer adds one, appears only at token 0 of the stream).
+* Windows: the stream is cut into ``n_windows = n_tokens // seq_len`` non-overlapping windows of
+  ``seq_len`` tokens starting at token 0; the final partial window is dropped. ``max_tokens``
+  keeps only the first ``max_tokens // seq_len`` windows.
+* Loss: each window is fed on its own (no context carried over); the logits at positions
+  ``0..seq_len-2`` predict tokens ``1..seq_len-1`` (labels = inputs shifted by one, as HF does), so a
+  window contributes ``seq_len - 1`` token negative log-likelihoods (nats).
+* PPL = ``exp(mean NLL over all predicted tokens of all windows)``, i.e. LLM-Pruner's
+  ``exp(cat(nlls).mean())``. As every window has the same length this also equals
+  ``exp(mean over windows of the per-window mean loss)``. Sums are accumulated in float64, the
+  cross-entropy is computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gqaprune import data
+
+__all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "perplexity"]
+
+# (tokenizer fingerprint, dataset, split, data dir) -> token ids [n_tokens] (torch.long, CPU)
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+_PROBE = "The quick brown fox, 1234 \n\n= Héllo =\n"  # tells tokenizers with equal name/size apart
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Result of :func:`perplexity`.
+
+    Attributes:
+        dataset: corpus name (``wikitext2``, ``ptb``, ``c4``).
+        split: the split evaluated.
+        ppl: perplexity, ``exp`` of the mean per-token NLL (nats).
+        n_tokens: input tokens in the evaluated windows, ``n_windows * seq_len``; the number of
+            predicted tokens averaged over is ``n_windows * (seq_len - 1)``.
+        n_windows: number of windows evaluated.
+        seq_len: window length in tokens.
+        capped: True when ``max_tokens`` left out some of the full windows.
+    """
+
+    dataset: str
+    split: str
+    ppl: float
+    n_tokens: int
+    n_windows: int
+    seq_len: int
+    capped: bool
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    probe = tuple(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), probe)
+
+
+def clear_token_cache() -> None:
+    """Forget all cached tokenised evaluation texts."""
+    _TOKEN_CACHE.clear()
+
+
+def _eval_token_ids(tokenizer, dataset: str, split: str, data_dir) -> torch.Tensor:
+    """Token ids ``[n_tokens]`` of the joined evaluation text, cached in-process."""
+    root = data.resolve_data_dir(data_dir)
+    key = (_tokenizer_key(tokenizer), dataset, split, None if root is None else str(root))
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = data.corpus_token_ids(tokenizer, dataset, split, data_dir=data_dir)
+    return _TOKEN_CACHE[key]
+
+
+def _input_device(model) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device  # right even for a model dispatched over devices
+    return next(model.parameters()).device
+
+
+def perplexity(
+    model,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on a corpus' evaluation split (protocol: module docstring).
+
+    Args:
+        model: a causal LM returning ``.logits`` ``[batch, seq_len, vocab]`` for ``input_ids``.
+            It is put in eval mode for the call and its training flag restored afterwards.
+        tokenizer: the model's tokenizer (tokenised texts are cached per tokenizer and dataset).
+        dataset: ``wikitext2``, ``ptb`` or ``c4``; the split is ``EVALUATION_SPLIT[dataset]``.
+        seq_len: window length in tokens (>= 2).
+        batch_size: windows per forward pass.
+        max_tokens: evaluate only the first ``max_tokens // seq_len`` windows (whole windows only);
+            ``None`` evaluates all of them.
+        device: where input ids are sent; default the device of the model's input embeddings. The
+            model itself is not moved.
+        data_dir: local mirror directory (else ``$GQAPRUNE_DATA_DIR``, else the hub).
+
+    Returns:
+        :class:`PerplexityResult`.
+    """
+    if dataset not in data.EVALUATION_SPLIT:
+        raise ValueError(f"unknown evaluation dataset {dataset!r}; known: {sorted(data.EVALUATION_SPLIT)}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a window must predict at least one token), got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    split = data.EVALUATION_SPLIT[dataset]
+    ids = _eval_token_ids(tokenizer, dataset, split, data_dir)  # [n_tokens_total]
+
+    n_full = ids.numel() // seq_len  # full windows; the partial tail is dropped
+    if n_full == 0:
+        raise ValueError(f"{dataset} {split!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    n_windows = n_full
+    if max_tokens is not None:
+        if max_tokens < seq_len:
+            raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
+        n_windows = min(n_full, max_tokens // seq_len)
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [n_windows, seq_len]
+
+    device = _input_device(model) if device is None else torch.device(device)
+    total_nll = 0.0  # float64 sum of per-token NLLs, nats
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=n_windows, desc=f"ppl {dataset}", unit="win") as bar:
+            for start in range(0, n_windows, batch_size):
+                batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
+                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
+                labels = batch[:, 1:].to(logits.device)  # [b, seq_len - 1]
+                for row in range(batch.shape[0]):  # one row at a time bounds the float32 copy
+                    nll = F.cross_entropy(
+                        logits[row, :-1].float(), labels[row], reduction="none"
+                    )  # [seq_len - 1], nats
+                    total_nll += nll.double().sum().item()
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+
+    n_predicted = n_windows * (seq_len - 1)
+    return PerplexityResult(
+        dataset=dataset,
+        split=split,
+        ppl=math.exp(total_nll / n_predicted),
+        n_tokens=n_windows * seq_len,
+        n_windows=n_windows,
+        seq_len=seq_len,
+        capped=n_windows < n_full,
+    )
+
+
+class PPLMetric(dict):
+    """Perplexities on several corpora, as a ``{dataset: ppl}`` dict (LLM-Pruner's API).
+
+    ``PPLMetric(model, tokenizer, ["wikitext2", "ptb"])`` evaluates at construction and behaves
+    like ``{"wikitext2": 58.9, "ptb": 91.2}``; ``.results`` maps each dataset to its full
+    :class:`PerplexityResult`. Arguments are those of :func:`perplexity`; ``device="cuda"`` (the
+    original's default) falls back to the model's device, with a warning, when CUDA is missing.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        datasets: Sequence[str] | str = ("wikitext2",),
+        seq_len: int = 128,
+        batch_size: int = 8,
+        device: str | torch.device | None = "cuda",
+        max_tokens: int | None = None,
+        data_dir: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        if isinstance(datasets, str):
+            datasets = [datasets]
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            warnings.warn("CUDA is not available; evaluating on the model's device", stacklevel=2)
+            device = None
+        self.results: dict[str, PerplexityResult] = {}
+        for name in datasets:
+            result = perplexity(
+                model,
+                tokenizer,
+                dataset=name,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                device=device,
+                data_dir=data_dir,
+            )
+            self.results[name] = result
+            self[name] = result.ppl
