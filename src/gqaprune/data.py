@@ -405,3 +405,64 @@ def calibration_samples(
     starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)  # [n_samples]
     offsets = torch.arange(seq_len)  # [seq_len]
     return ids[starts[:, None] + offsets[None, :]]  # [n_samples, seq_len]
+
+
+def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
+                     ) -> dict[str, list[str]]:
+    """Copy every split of the named corpora into ``out_dir`` in the local-mirror layout.
+
+    The pipeline's ``prepare`` stage versions this folder with DVC, and later stages read it as their
+    mirror, so a run is reproducible even when the source mirror or the hub changes. Files come from
+    the mirror (``data_dir`` / ``$GQAPRUNE_DATA_DIR``) as they are; a corpus missing there is fetched
+    from the hub and written in the same layout. Returns ``{corpus: [files written, relative]}``.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    root = resolve_data_dir(data_dir)
+    written: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):  # unique, in order
+        if name not in CORPORA:
+            raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPORA)}")
+        rels = list(_ALPACA_FILES) if name == "alpaca" else sorted(
+            {files[0] for split, files in _LOCAL_FILES[name].items() if name != "wikitext2" or split != "train"})
+        present = [rel for rel in rels if root is not None and (root / rel).is_file()]
+        if name == "c4":  # either of the two equivalent files will do
+            alternatives = [f for f in _LOCAL_FILES["c4"]["validation"] if root is not None and (root / f).is_file()]
+            present, rels = alternatives[:1], alternatives[:1] or ["c4/c4_validation_2k.jsonl"]
+        if present and len(present) == len(rels):
+            for rel in rels:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / rel, out / rel)
+        else:
+            rels = _write_from_hub(name, out)
+        written[name] = rels
+    return written
+
+
+def _write_from_hub(name: str, out: Path) -> list[str]:
+    """Fetch a corpus from the hub and write it in the local-mirror layout; returns the files written."""
+    written = []
+    if name == "alpaca":
+        rel = _ALPACA_FILES[0]
+        records = load_instructions(name, "train", path=None, data_dir=None)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(json.dumps(records, indent=1), encoding="utf-8")
+        return [rel]
+    if name == "c4":
+        rel = "c4/c4_validation_2k.jsonl"
+        docs = load_rows("c4", "calibration", data_dir=None) + load_rows("c4", "validation", data_dir=None)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        return [rel]
+    for split, files in _LOCAL_FILES[name].items():
+        if name == "wikitext2" and split == "train":
+            continue
+        rel, rows = files[0], load_rows(name, split, data_dir=None)
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (out / rel).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        else:
+            (out / rel).write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+        written.append(rel)
+    return written

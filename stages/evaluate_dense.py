@@ -1,0 +1,6 @@
+"""DVC stage `evaluate_dense`: a thin wrapper over `gqaprune evaluate-dense` (see `python stages/evaluate_dense.py --help`)."""
+
+from gqaprune.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("evaluate_dense")

@@ -1,0 +1,6 @@
+"""DVC stage `finetune`: a thin wrapper over `gqaprune finetune` (see `python stages/finetune.py --help`)."""
+
+from gqaprune.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("finetune")
