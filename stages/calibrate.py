@@ -1,4 +1,4 @@
-"""DVC stage `calibrate`: a thin wrapper over `gqaprune calibrate` (see `python stages/calibrate.py --help`)."""
+"""DVC stage `calibrate`: a thin wrapper over `gqaprune calibrate`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

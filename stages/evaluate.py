@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: a thin wrapper over `gqaprune evaluate` (see `python stages/evaluate.py --help`)."""
+"""DVC stage `evaluate`: a thin wrapper over `gqaprune evaluate`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

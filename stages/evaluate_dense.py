@@ -1,4 +1,4 @@
-"""DVC stage `evaluate_dense`: a thin wrapper over `gqaprune evaluate-dense` (see `python stages/evaluate_dense.py --help`)."""
+"""DVC stage `evaluate_dense`: a thin wrapper over `gqaprune evaluate-dense`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

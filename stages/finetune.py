@@ -1,4 +1,4 @@
-"""DVC stage `finetune`: a thin wrapper over `gqaprune finetune` (see `python stages/finetune.py --help`)."""
+"""DVC stage `finetune`: a thin wrapper over `gqaprune finetune`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

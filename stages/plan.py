@@ -1,4 +1,4 @@
-"""DVC stage `plan`: a thin wrapper over `gqaprune plan` (see `python stages/plan.py --help`)."""
+"""DVC stage `plan`: a thin wrapper over `gqaprune plan`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

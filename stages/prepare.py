@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: a thin wrapper over `gqaprune prepare` (see `python stages/prepare.py --help`)."""
+"""DVC stage `prepare`: a thin wrapper over `gqaprune prepare`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

@@ -1,4 +1,4 @@
-"""DVC stage `score`: a thin wrapper over `gqaprune score` (see `python stages/score.py --help`)."""
+"""DVC stage `score`: a thin wrapper over `gqaprune score`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

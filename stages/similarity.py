@@ -1,4 +1,4 @@
-"""DVC stage `similarity`: a thin wrapper over `gqaprune similarity` (see `python stages/similarity.py --help`)."""
+"""DVC stage `similarity`: a thin wrapper over `gqaprune similarity`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

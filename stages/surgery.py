@@ -1,4 +1,4 @@
-"""DVC stage `surgery`: a thin wrapper over `gqaprune surgery` (see `python stages/surgery.py --help`)."""
+"""DVC stage `surgery`: a thin wrapper over `gqaprune surgery`; `--help` lists its params."""
 
 from gqaprune.cli import stage_main
 

@@ -116,6 +116,14 @@ def test_gradient_checkpointing_and_bf16_agree():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_frozen_model_is_scored_and_restored():
+    model = build_model("tiny-llama-gqa3")
+    model.requires_grad_(False)  # as after loading for inference
+    table = score_groups(model, SAMPLES, metrics=["taylor"], progress=False)
+    assert (table["taylor"] > 0).all()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_bad_calibration_and_nonfinite_refused():
     model = build_model("tiny-mistral-mha")
     with pytest.raises(ValueError, match="empty"):

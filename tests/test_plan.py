@@ -77,11 +77,38 @@ def test_tau_gates_layer_and_block_priors(scored):
     assert np.allclose(t["prior"], sim["layer_importance"].to_numpy()[t["layer"]])
     all_block = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=0.0))
     assert set(all_block.layers["mode"]) == {"block"}
-    default = build_plan(scores, sim, counts, geo.num_layers, PlanConfig())
-    assert default.analysis["tau_used"] == pytest.approx(np.percentile(sim["layer_importance"], 25))
-    t = default.table
-    expected = t["importance"] / t["cost"] * np.log1p(t["prior"])
-    assert np.allclose(t["score"], expected)
+    literal = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(prior_norm="none", temperature=2.0))
+    assert literal.analysis["tau_used"] == pytest.approx(np.percentile(sim["layer_importance"], 25))
+    t = literal.table
+    assert np.allclose(t["score"], t["importance"] / t["cost"] * np.log1p(t["prior"]) ** 2)
+    # "kind": ln(1 + prior) is divided by its mean over the layers, separately for attention and MLP
+    t = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(temperature=1.0)).table
+    multiplier = t["score"] / (t["importance"] / t["cost"])
+    for kind in ("attn", "mlp"):
+        per_layer = multiplier[t["kind"] == kind].groupby(t["layer"]).first()
+        assert per_layer.mean() == pytest.approx(1.0)
+        raw = np.log1p(t.loc[t["kind"] == kind, "prior"]).groupby(t["layer"]).first()
+        assert np.allclose(per_layer / per_layer.iloc[0], raw / raw.iloc[0])
+
+
+def test_uniform_strategy_prunes_every_layer_alike(scored):
+    _, geo, counts, scores, sim = scored
+    plan = build_plan(scores, sim, counts, geo.num_layers,
+                      PlanConfig(ratio=0.3, strategy="uniform", temperature=0, freeze_first_n_layers=1))
+    layers = plan.layers[plan.layers["layer"] > 0]
+    assert plan.layers.loc[0, "mlp_kept"] == geo.intermediate_size
+    # equal fraction per layer, up to the top-up of a few units
+    assert layers["mlp_kept"].max() - layers["mlp_kept"].min() <= 3 * 8
+    gap = plan.analysis["target_params_removed"] - plan.analysis["params_removed"]
+    assert 0 <= gap < 8 * geo.mlp_channel_cost
+
+
+def test_standardize_is_per_block(scored):
+    _, geo, counts, scores, sim = scored
+    t = build_plan(scores, None, counts, geo.num_layers, PlanConfig(temperature=0, normalize="standardize")).table
+    stats = t.groupby(["layer", "kind"], observed=True)["score"].agg(["mean", "std"])
+    assert np.allclose(stats["mean"], 0.0, atol=1e-9)
+    assert np.allclose(stats.loc[stats.index.get_level_values("kind") == "mlp", "std"], 1.0)
 
 
 def test_epsilon_collapses_thin_blocks_and_keeps_budget(scored):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 
 import pandas as pd
@@ -37,18 +37,40 @@ log = logging.getLogger(__name__)
 METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd")
 GRADIENT_METRICS = {"taylor", "taylor_2nd"}
 
-# A reducer maps an elementwise score tensor of one parameter to one value per group: [groups].
-Reducer = Callable[[torch.Tensor], torch.Tensor]
+class Reducer:
+    """Maps an elementwise score tensor of one parameter to one value per group: [groups].
+
+    Groups own consecutive equal blocks of output rows (``axis="rows"``: q/k/v/gate/up weights and
+    their biases) or of input columns (``axis="cols"``: o_proj / down_proj weights).
+    """
+
+    def __init__(self, groups: int, axis: str):
+        self.groups, self.axis = groups, axis
+
+    def _view(self, s: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if self.axis == "rows":
+            return s.reshape(self.groups, -1), (1,)
+        return s.reshape(s.shape[0], self.groups, -1), (0, 2)
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        v, dims = self._view(s)
+        return v.sum(dims)
+
+    def abs_and_square_sums(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group sums of |s| and of s^2 (two reading passes over ``s``, no temporaries)."""
+        v, dims = self._view(s)
+        return (torch.linalg.vector_norm(v, 1, dim=dims),
+                torch.linalg.vector_norm(v, 2, dim=dims).square())
 
 
 def _rows(groups: int) -> Reducer:
     """Groups own consecutive equal blocks of output rows (q/k/v/gate/up weights, their biases)."""
-    return lambda s: s.reshape(groups, -1).sum(1)
+    return Reducer(groups, "rows")
 
 
 def _cols(groups: int) -> Reducer:
     """Groups own consecutive equal blocks of input columns (o_proj / down_proj weights)."""
-    return lambda s: s.reshape(s.shape[0], groups, -1).sum((0, 2))
+    return Reducer(groups, "cols")
 
 
 def _members(layer: nn.Module, adapter: FamilyAdapter, n_attn: int, n_mlp: int):
@@ -87,8 +109,10 @@ class _InputNorms:
         def fn(module, args):
             if not self.enabled:  # gradient-checkpointing recomputation: already counted
                 return
-            x = args[0].detach().float()
-            acc = x.pow(2).reshape(-1, x.shape[-1]).sum(0)  # [in_features]
+            x = args[0].detach()
+            # one reading pass, float32 accumulation, no float32 copy of the activation
+            acc = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), 2, dim=0,
+                                           dtype=torch.float32).square()  # [in_features]
             self.sumsq[key] = self.sumsq[key] + acc if key in self.sumsq else acc
 
         return fn
@@ -161,14 +185,17 @@ def score_groups(
             for layer, items in members.items():
                 for kind, p, _, reduce in items:
                     add(layer, kind, "magnitude", reduce(p.detach().float().abs()))
+        checks: list[tuple[torch.Tensor, str]] = []  # per-gradient finiteness flags, read once per batch
         if need_data:
-            _register_input_hooks(model, adapter, shapes, norms, stack)
+            if "wanda" in metrics:  # the input norms serve wanda only
+                _register_input_hooks(model, adapter, shapes, norms, stack)
             if need_grad:
-                _register_grad_hooks(members, add, stack)
                 params = [p for items in members.values() for _, p, _, _ in items]
+                # parameters must require grad before a grad hook can be registered on them
                 stack.enter_context(_only_group_params_trainable(model, params))
+                _register_grad_hooks(members, add, stack, checks)
             _calibration_pass(model, samples.to(device), gradient_batch_size, need_grad,
-                              gradient_checkpointing, norms, progress)
+                              gradient_checkpointing, norms, progress, checks)
 
     if "wanda" in metrics:
         with torch.no_grad():
@@ -210,19 +237,24 @@ def _register_input_hooks(model, adapter: FamilyAdapter, shapes, norms: _InputNo
             stack.callback(handle.remove)
 
 
-def _register_grad_hooks(members, add, stack: ExitStack) -> None:
-    """Reduce each projection gradient into per-group |w g| and (w g)^2 sums, then free it."""
+def _register_grad_hooks(members, add, stack: ExitStack, checks: list) -> None:
+    """Reduce each projection gradient into per-group |w g| and (w g)^2 sums, then free it.
+
+    The finiteness of each reduction is recorded in ``checks`` as a device flag (no host sync inside
+    backward); :func:`_raise_if_nonfinite` reads them once per micro-batch.
+    """
 
     def make(layer: int, kind: str, reduce: Reducer, name: str):
         def hook(p: torch.Tensor) -> None:
-            wg = p.detach().float() * p.grad.float()
-            first, second = reduce(wg.abs()), reduce(wg.pow(2))
+            w, g = p.detach(), p.grad
+            # exact float32 product w*g (a bf16*bf16 product fits float32), one float32 temporary
+            wg = w * g if w.dtype == torch.float32 else w.float().mul_(g)
+            first, second = reduce.abs_and_square_sums(wg)
+            del wg
             p.grad = None  # free the gradient now: no model-sized gradient copy is ever held
-            if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
-                raise FloatingPointError(
-                    f"non-finite gradient in layer {layer} {name}: the loss or gradients overflowed; "
-                    "score in float32 (score.dtype) or check the calibration data"
-                )
+            checks.append((torch.isfinite(first).all() & torch.isfinite(second).all(),
+                           f"non-finite gradient in layer {layer} {name}: the loss or gradients overflowed; "
+                           "score in float32 (score.dtype) or check the calibration data"))
             add(layer, kind, "taylor", first)
             add(layer, kind, "taylor_2nd", first + 0.5 * second)
 
@@ -234,8 +266,19 @@ def _register_grad_hooks(members, add, stack: ExitStack) -> None:
             stack.callback(handle.remove)
 
 
+def _raise_if_nonfinite(checks: list) -> None:
+    """Raise FloatingPointError naming the first non-finite gradient reduction recorded in ``checks``."""
+    if not checks:
+        return
+    ok = torch.stack([flag for flag, _ in checks])
+    if not bool(ok.all()):
+        first_bad = int((~ok).nonzero()[0, 0])
+        raise FloatingPointError(checks[first_bad][1])
+    checks.clear()
+
+
 def _calibration_pass(model, samples: torch.Tensor, batch: int, need_grad: bool, checkpointing: bool,
-                      norms: _InputNorms, progress: bool) -> None:
+                      norms: _InputNorms, progress: bool, checks: list | None = None) -> None:
     """Forward (+ backward) over ``samples`` in micro-batches; hooks do the accounting."""
     was_training = model.training
     if need_grad and checkpointing:
@@ -257,6 +300,7 @@ def _calibration_pass(model, samples: torch.Tensor, batch: int, need_grad: bool,
                         raise FloatingPointError(f"non-finite calibration loss ({loss.item()}) at sample {start}")
                     norms.enabled = False  # a checkpointed backward re-runs forwards: do not count twice
                     loss.backward()
+                _raise_if_nonfinite(checks if checks is not None else [])
             else:
                 model(input_ids=ids, use_cache=False)
             norms.tokens += ids.numel()

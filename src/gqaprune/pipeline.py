@@ -47,7 +47,7 @@ from .artifacts import (
 )
 from .data import CALIBRATION_SPLIT, DATA_DIR_ENV, calibration_samples, snapshot_corpora
 from .groups import ParamCounts, parameter_counts
-from .modelio import convert_embedded, fingerprint, load_causal_lm, load_model, resolve_device, torch_dtype
+from .modelio import convert_embedded, fingerprint, load_causal_lm, load_model, resolve_device
 from .params import Params
 
 log = logging.getLogger("gqaprune")

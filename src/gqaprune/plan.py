@@ -21,6 +21,20 @@ smallest unit's cost.
 rest of the plan re-balanced (the highest-scored removals elsewhere are given back) so the target
 still holds. A layer whose attention and MLP are both emptied is removed.
 
+Options beyond SPEC.md (both measured on SmolLM2, see benchmarks/QUALITY.md):
+
+* ``prior_norm="kind"`` (default) divides B = ln(1 + prior) by its mean over the layers for each
+  kind (attention, MLP) before raising it to T. Attention blocks turn the residual stream far less
+  than MLP blocks (1 - cos ~0.01 vs ~0.03), so the literal ``"none"`` multiplies every attention
+  group by a ~3x smaller factor and empties attention wholesale; ``"kind"`` keeps the layer-wise
+  shaping of the prior without that cross-kind bias.
+* ``normalize="standardize"`` z-scores S_base within each block (layer x kind) before the global
+  ranking, as FLAP does; ``"none"`` (default) ranks raw importance per parameter.
+
+``strategy="uniform"`` removes the same fraction of attention groups and of MLP channels in every
+non-frozen layer (the lowest-scored ones), the fraction chosen so the budget is met, then tops up
+to the exact target with the lowest-scored remaining units (the LLM-Pruner / Wanda-sp allocation).
+
 ``strategy="layer"`` instead removes whole layers, least important (layer importance) first, the
 number of layers whose parameters come closest to the target (the original's layer_pruning.py,
 ShortGPT).
@@ -38,7 +52,9 @@ from .groups import ATTN, MLP, ParamCounts
 from .importance import METRICS
 from .surgery import LayerKeep
 
-STRATEGIES = ("hgsp", "layer")
+STRATEGIES = ("hgsp", "uniform", "layer")
+PRIOR_NORMS = ("kind", "none")
+NORMALIZATIONS = ("none", "standardize")
 
 
 class PlanError(ValueError):
@@ -58,6 +74,8 @@ class PlanConfig:
     freeze_first_n_layers: int = 0
     freeze_last_n_layers: int = 0
     mlp_align: int = 8
+    prior_norm: str = "kind"
+    normalize: str = "none"
 
     def validate(self) -> None:
         """Raise PlanError naming the first bad key."""
@@ -75,6 +93,10 @@ class PlanConfig:
             raise PlanError(f"plan.epsilon must be in [0, 1), got {self.epsilon}")
         if self.freeze_first_n_layers < 0 or self.freeze_last_n_layers < 0:
             raise PlanError("plan.freeze_first_n_layers and plan.freeze_last_n_layers must be >= 0")
+        if self.prior_norm not in PRIOR_NORMS:
+            raise PlanError(f"plan.prior_norm must be one of {list(PRIOR_NORMS)}, got {self.prior_norm!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise PlanError(f"plan.normalize must be one of {list(NORMALIZATIONS)}, got {self.normalize!r}")
         if self.mlp_align < 1:
             raise PlanError(f"plan.mlp_align must be >= 1, got {self.mlp_align}")
 
@@ -143,7 +165,13 @@ def _priors(table: pd.DataFrame, sim: pd.DataFrame | None, config: PlanConfig, n
     block_imp = np.where(is_attn, sim["attn_importance"].to_numpy()[layers], sim["mlp_importance"].to_numpy()[layers])
     prior = np.where(layer_dominant[layers], layer_imp[layers], block_imp)
     prior = np.clip(prior, 0.0, None)  # 1 - cos is >= 0 up to rounding
-    multiplier = np.log1p(prior) ** config.temperature
+    base = np.log1p(prior)
+    if config.prior_norm == "kind":
+        for kind_mask in (is_attn, ~is_attn):
+            per_layer = pd.Series(base[kind_mask]).groupby(layers[kind_mask]).first()
+            scale = per_layer.mean() if len(per_layer) else 1.0
+            base[kind_mask] = base[kind_mask] / max(scale, 1e-12)
+    multiplier = base ** config.temperature
     mode = np.where(layer_dominant, "layer", "block")
     return prior, multiplier, mode, tau
 
@@ -220,14 +248,60 @@ def build_plan(scores: pd.DataFrame, similarity: pd.DataFrame | None, counts: Pa
     table["frozen"] = frozen[table["layer"].to_numpy()]
     prior, multiplier, mode, tau = _priors(table, similarity, config, num_layers)
     table["prior"] = prior
-    table["score"] = table["importance"] / table["cost"] * multiplier
+    table["score"] = _base_scores(table, config) * multiplier
 
     if config.strategy == "layer":
         pruned = _layer_removal(table, similarity, layer_costs, frozen, target)
+    elif config.strategy == "uniform":
+        pruned = _uniform_select(table, config, target)
     else:
         pruned = _hgsp_select(table, config, target)
     table["pruned"] = pruned
     return _finish(table, counts, num_layers, config, target, tau, mode)
+
+
+def _base_scores(table: pd.DataFrame, config: PlanConfig) -> np.ndarray:
+    """S_base = importance / cost, optionally standardised within each block (layer x kind)."""
+    base = (table["importance"] / table["cost"]).to_numpy(dtype=np.float64)
+    if config.normalize == "standardize":
+        keys = table["layer"].astype(np.int64).to_numpy() * 2 + (table["kind"] == MLP).to_numpy()
+        frame = pd.Series(base).groupby(keys)
+        std = frame.transform("std").fillna(0.0).to_numpy()
+        base = (base - frame.transform("mean").to_numpy()) / np.where(std > 0, std, 1.0)
+    return base
+
+
+def _uniform_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.ndarray:
+    """Same fraction of groups per layer and kind (lowest scores first), then an exact top-up."""
+    eligible = ~table["frozen"].to_numpy()
+    unit_of, unit_cost, unit_score = _units(table, eligible, config.mlp_align)
+    valid = unit_of >= 0
+    # per block: its units in ascending score order
+    blocks: dict[tuple[int, str], list[int]] = {}
+    unit_block = {}
+    for row in np.flatnonzero(valid):
+        unit_block.setdefault(int(unit_of[row]), (int(table["layer"].iat[row]), str(table["kind"].iat[row])))
+    for u in sorted(unit_block, key=lambda u: (unit_score[u], u)):
+        blocks.setdefault(unit_block[u], []).append(u)
+
+    def take(fraction: float) -> np.ndarray:
+        taken = np.zeros(len(unit_cost), dtype=bool)
+        for units in blocks.values():
+            taken[units[: int(round(fraction * len(units)))]] = True
+        return taken
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # bisection on the fraction: removed parameters grow with it
+        mid = (lo + hi) / 2
+        if unit_cost[take(mid)].sum() <= target:
+            lo = mid
+        else:
+            hi = mid
+    order = np.lexsort((np.arange(len(unit_cost)), unit_score))
+    taken = _fill(order, unit_cost, target, take(lo))
+    pruned = np.zeros(len(table), dtype=bool)
+    pruned[valid] = taken[unit_of[valid]]
+    return pruned
 
 
 def _hgsp_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.ndarray:

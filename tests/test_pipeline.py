@@ -1,0 +1,219 @@
+"""End-to-end DVC pipeline on a tiny random model: `dvc repro`, caching, partial re-runs, `dvc exp`.
+
+A throw-away git + DVC repository gets the project's dvc.yaml, stages/ and src/ (dvc.yaml lists library
+files as dependencies) and a params.yaml for a tiny random LLaMA (GQA 4:1) with its own tiny byte-level
+BPE tokenizer. Every stage is a separate `python stages/<name>.py` process (about 6 s of imports each), so
+the test runs the fewest stages that still cover: a full repro (9 stages), a no-op repro, a finetune
+param change (2 stages) and a plan.ratio change made as an experiment (4 stages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from gqaprune.finetune import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+from gqaprune.random_models import build_model
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune",
+              "evaluate_dense", "evaluate"}
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def make_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (vocab 512) trained on a little real text; BOS "<s>" added, EOS "</s>" for LoRA."""
+    wiki = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
+    ptb = (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8")[:50_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([wiki, ptb, PROMPT_WITH_INPUT * 5, PROMPT_NO_INPUT * 5], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_params(model_dir: Path, data_dir: Path) -> dict:
+    """params.yaml for the tiny model: every knob small, CPU only."""
+    return {
+        "data": {"data_dir": str(data_dir)},
+        "prepare": {"model": str(model_dir), "trust_remote_code": False},
+        "calibrate": {"dataset": "wikitext2", "n_samples": 8, "seq_len": 32, "seed": 0},
+        "score": {"metrics": ["taylor", "taylor_2nd", "wanda", "magnitude"], "gradient_batch_size": 4,
+                  "gradient_checkpointing": False, "dtype": "float32", "device": "cpu"},
+        "similarity": {"batch_size": 8, "dtype": "float32", "device": "cpu"},
+        "plan": {"ratio": 0.2, "importance": "taylor", "strategy": "hgsp", "temperature": 1.0, "tau": None,
+                 "epsilon": 0.0, "freeze_first_n_layers": 0, "freeze_last_n_layers": 0, "mlp_align": 8},
+        "surgery": {"dtype": "float32"},
+        "finetune": {"enabled": True, "dataset": "alpaca", "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1.0e-3,
+                     "epochs": 1, "max_steps": 2, "batch_size": 2, "max_length": 128, "n_records": 8,
+                     "merge": True, "dtype": "float32", "device": "cpu"},
+        "evaluate": {"datasets": ["wikitext2", "ptb"], "seq_len": 64, "max_tokens": 256, "batch_size": 4,
+                     "dtype": "float32", "device": "cpu"},
+    }
+
+
+class Repo:
+    """A scratch git + DVC repository; commands run with this venv's python and dvc first on PATH."""
+
+    def __init__(self, root: Path, data_dir: Path):
+        self.root = root
+        bin_dir = str(Path(sys.executable).parent)
+        dvc = Path(bin_dir) / "dvc"
+        self.dvc = [str(dvc)] if dvc.is_file() else [sys.executable, "-m", "dvc"]
+        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "CI": "true",
+                    "GQAPRUNE_DATA_DIR": str(data_dir), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                    "GIT_CONFIG_NOSYSTEM": "1"}
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        proc = subprocess.run(cmd, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-8000:]}")
+        return proc.stdout
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args)
+
+    def dvc_(self, *args: str) -> str:
+        return self.run(*self.dvc, *args)
+
+    def ran(self, *args: str) -> set[str]:
+        """Run a dvc command and return the names of the stages it ran (not the skipped ones)."""
+        return set(RUNNING.findall(self.dvc_(*args)))
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, params: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _metric_rows(node, out: list) -> list:
+    """(name or rev, plan.ratio, evaluate.json data) of every row of `dvc exp show --json`, at any depth."""
+    if isinstance(node, dict):
+        data = node.get("data")
+        if isinstance(data, dict) and "metrics" in data:
+            evaluate = (data.get("metrics") or {}).get("metrics/evaluate.json", {}).get("data")
+            params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+            ratio = (params.get("plan") or {}).get("ratio")
+            out.append((node.get("name") or node.get("rev"), ratio, evaluate))
+        for value in node.values():
+            _metric_rows(value, out)
+    elif isinstance(node, list):
+        for item in node:
+            _metric_rows(item, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, data_dir) -> Repo:
+    """The scratch repository after git init, dvc init and a first commit of the tiny-model pipeline."""
+    base = tmp_path_factory.mktemp("pipeline")
+    model_dir = base / "tiny-model"
+    tokenizer = make_tokenizer(data_dir)
+    model = build_model("tiny-llama-gqa4", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    root = base / "repo"
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "src", root / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / ".gitignore").write_text("__pycache__/\nartifacts/logs/\n")
+    r = Repo(root, data_dir)
+    r.write_params(tiny_params(model_dir, data_dir))
+    r.git("init", "-q")
+    r.git("config", "user.name", "gqaprune tests")
+    r.git("config", "user.email", "tests@gqaprune.invalid")
+    r.git("config", "commit.gpgsign", "false")
+    r.dvc_("init", "-q")
+    r.dvc_("config", "core.analytics", "false")
+    r.git("add", "-A")
+    r.git("commit", "-q", "-m", "tiny pipeline")
+    return r
+
+
+def test_dvc_pipeline_end_to_end(repo: Repo):
+    root = repo.root
+    # 1. the first repro runs every stage and writes every artifact
+    assert repo.ran("repro") == ALL_STAGES
+    for rel in ["artifacts/model/config.json", "artifacts/model.json",
+                "artifacts/calibration/samples.safetensors",
+                "artifacts/scores/importance.parquet", "artifacts/similarity/similarity.parquet",
+                "artifacts/plan/plan.json", "artifacts/plan/global_group_table.csv",
+                "artifacts/plan/pruning_analysis.json", "artifacts/pruned/config.json",
+                "artifacts/pruned/model.safetensors", "artifacts/finetune/status.json",
+                "artifacts/finetune/merged/model.safetensors", "metrics/dense.json",
+                "plots/layer_importance.png", "plots/kept_fraction.png", "plots/finetune_loss.png"]:
+        assert (root / rel).is_file(), rel
+    for png in root.glob("plots/*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(metrics["ppl"]) == {"dense", "pruned", "finetuned"}
+    for per in metrics["ppl"].values():
+        assert set(per) == {"wikitext2", "ptb"}
+        assert all(0 < v < float("inf") for v in per.values())
+    assert metrics["tokens_evaluated"] == {"wikitext2": 256, "ptb": 256} and metrics["capped"]
+    assert metrics["params_after"] < metrics["params_before"]
+    assert abs(metrics["ratio_total"] - 0.2) < 0.05
+    analysis = json.loads((root / "artifacts/plan/pruning_analysis.json").read_text())
+    assert analysis["params_after"] == metrics["params_after"]
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "baseline results")
+
+    # 2. nothing changed: nothing runs
+    assert "up to date" in repo.dvc_("status")
+    assert repo.ran("repro") == set()
+
+    # 3. a finetune param re-runs finetune and evaluate only (dense ppl comes from metrics/dense.json)
+    params = repo.params()
+    params["finetune"]["lr"] = 5.0e-3
+    repo.write_params(params)
+    status = repo.dvc_("status")
+    assert "finetune:" in status and "plan:" not in status, status
+    assert repo.ran("repro") == {"finetune", "evaluate"}
+    tuned = json.loads((root / "metrics/evaluate.json").read_text())
+    assert tuned["ppl"]["dense"] == metrics["ppl"]["dense"]
+    assert tuned["ppl"]["pruned"] == metrics["ppl"]["pruned"]
+    assert "up to date" in repo.dvc_("status")
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "finetune lr 5e-3")
+    baseline = json.loads((root / "metrics/evaluate.json").read_text())
+
+    # 4. plan.ratio, changed as an experiment: plan, surgery, finetune, evaluate re-run (not prepare,
+    # calibrate, score, similarity or evaluate_dense)
+    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"plan", "surgery", "finetune", "evaluate"}
+    experiment = json.loads((root / "metrics/evaluate.json").read_text())
+    assert experiment["params_after"] < baseline["params_after"]
+    assert experiment["ppl"]["dense"] == baseline["ppl"]["dense"]
+
+    # 5. `dvc exp show` lists the baseline commit and the experiment with their (different) metrics
+    rows = _metric_rows(json.loads(repo.dvc_("exp", "show", "--json")), [])
+    by_ratio = {ratio: ev for _, ratio, ev in rows if ev is not None}
+    assert 0.2 in by_ratio and 0.3 in by_ratio, rows
+    assert by_ratio[0.2]["ppl"] == baseline["ppl"]
+    assert by_ratio[0.3]["ppl"] == experiment["ppl"]
+    assert by_ratio[0.2]["ppl"]["pruned"] != by_ratio[0.3]["ppl"]["pruned"]
+    assert by_ratio[0.2]["params_after"] > by_ratio[0.3]["params_after"]
+    names = [name for name, ratio, _ in rows if ratio == 0.3]
+    assert any(name and name != "workspace" for name in names), rows  # the experiment's own row
