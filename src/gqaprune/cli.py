@@ -63,7 +63,7 @@ for _name, (_summary, _sections) in STAGE_HELP.items():
 @app.command()
 def ppl(
     model: Annotated[str, typer.Argument(help="Model folder (dense or pruned) or hub id.")],
-    datasets: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="wikitext2, ptb, c4 (repeatable).")] = None,
+    datasets: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="wikitext2, ptb, c4 (repeat).")] = None,
     seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 128,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on evaluated tokens per dataset (default: all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,

@@ -1,4 +1,4 @@
-"""Group importance: magnitude, wanda, taylor and taylor_2nd, in one pass over calibration data.
+"""Group importance: magnitude, wanda, taylor, taylor_2nd, fluctuation, in one pass over calibration data.
 
 Per-parameter scores (SPEC.md), summed over each group's members:
 
@@ -10,6 +10,9 @@ Per-parameter scores (SPEC.md), summed over each group's members:
   of micro-batch b.
 * ``taylor_2nd`` sum over b of |w*g_b| + 0.5 * (w*g_b)^2, i.e. |w g| + 0.5 |w^2 H_diag| with the
   Hessian diagonal approximated by the empirical Fisher g^2, accumulated per micro-batch.
+* ``fluctuation`` (FLAP) Var_t(x_j) * ||W[:, j]||^2 over the input columns j of o_proj (a group's
+  head columns) and down_proj (its channel): how much removing the column perturbs the block output
+  beyond the mean shift that bias compensation restores. Output projections only, as in FLAP.
 
 Memory: no gradient copy of the model is kept. Each projection's gradient is reduced into its
 per-group float32 accumulators by a post-accumulate-grad hook as soon as backward produces it, and
@@ -34,7 +37,7 @@ from .groups import ATTN, MLP, group_table, layer_shapes
 
 log = logging.getLogger(__name__)
 
-METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd")
+METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd", "fluctuation")
 GRADIENT_METRICS = {"taylor", "taylor_2nd"}
 
 class Reducer:
@@ -98,10 +101,11 @@ def _members(layer: nn.Module, adapter: FamilyAdapter, n_attn: int, n_mlp: int):
 
 
 class _InputNorms:
-    """Forward hooks that accumulate sum over tokens of x_j^2 (float32) at each projection's input."""
+    """Forward hooks that accumulate sums over tokens of x_j^2 and x_j (float32) at projection inputs."""
 
     def __init__(self):
         self.sumsq: dict[tuple[int, str], torch.Tensor] = {}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.tokens = 0
         self.enabled = True
 
@@ -114,6 +118,8 @@ class _InputNorms:
             acc = torch.linalg.vector_norm(x.reshape(-1, x.shape[-1]), 2, dim=0,
                                            dtype=torch.float32).square()  # [in_features]
             self.sumsq[key] = self.sumsq[key] + acc if key in self.sumsq else acc
+            total = x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32)  # [in_features]
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
 
         return fn
 
@@ -168,7 +174,7 @@ def score_groups(
     table = group_table(shapes, geometry)
     device = next(model.parameters()).device
     need_grad = bool(GRADIENT_METRICS & set(metrics))
-    need_data = need_grad or "wanda" in metrics
+    need_data = need_grad or bool({"wanda", "fluctuation"} & set(metrics))
 
     members = {s.layer: _members(adapter.layers(model)[s.layer], adapter, s.attn_groups, s.mlp_channels)
                for s in shapes}
@@ -187,7 +193,7 @@ def score_groups(
                     add(layer, kind, "magnitude", reduce(p.detach().float().abs()))
         checks: list[tuple[torch.Tensor, str]] = []  # per-gradient finiteness flags, read once per batch
         if need_data:
-            if "wanda" in metrics:  # the input norms serve wanda only
+            if {"wanda", "fluctuation"} & set(metrics):  # the input statistics serve these only
                 _register_input_hooks(model, adapter, shapes, norms, stack)
             if need_grad:
                 params = [p for items in members.values() for _, p, _, _ in items]
@@ -206,6 +212,16 @@ def score_groups(
                         add(layer, kind, "wanda", reduce(w * math.sqrt(norms.tokens)))
                     else:
                         add(layer, kind, "wanda", reduce(w * norms.sumsq[(layer, role)].sqrt()[None, :]))
+
+    if "fluctuation" in metrics:
+        with torch.no_grad():
+            for layer, items in members.items():
+                for kind, p, role, reduce in items:
+                    if role in ("o_in", "down_in"):
+                        n = max(norms.tokens, 1)
+                        mean = norms.sums[(layer, role)] / n
+                        var = (norms.sumsq[(layer, role)] / n - mean.square()).clamp_min(0)  # [in]
+                        add(layer, kind, "fluctuation", reduce(p.detach().float().square() * var[None, :]))
 
     for metric in metrics:
         table[metric] = torch.cat(

@@ -55,7 +55,7 @@ class CalibrateParams:
 class ScoreParams:
     """Group importance scoring (all listed metrics in one pass)."""
 
-    metrics: list[str] = field(default_factory=lambda: ["taylor", "taylor_2nd", "wanda", "magnitude"])
+    metrics: list[str] = field(default_factory=lambda: ["taylor", "taylor_2nd", "wanda", "magnitude", "fluctuation"])
     gradient_batch_size: int = 4
     gradient_checkpointing: bool = False
     dtype: str = "float32"
@@ -73,9 +73,13 @@ class SimilarityParams:
 
 @dataclass(frozen=True)
 class SurgeryParams:
-    """Slicing the model and saving the pruned checkpoint."""
+    """Slicing the model, output compensation (none | bias | lstsq) and saving the pruned checkpoint."""
 
+    compensation: str = "lstsq"
+    ridge: float = 1e-2
+    batch_size: int = 8
     dtype: str = "float32"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,8 @@ def _build(cls, raw: dict | None, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ParamsError(f"unknown key {prefix}.{unknown[0]}; {prefix} accepts: {', '.join(fields)}")
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ParamsError(f"unknown key {name}; {prefix or 'params.yaml'} accepts: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -191,7 +196,21 @@ def parse_params(raw: dict) -> Params:
         params.finetune.validate()
     except ValueError as e:
         raise ParamsError(str(e)) from None
-    for section in (params.calibrate, params.score, params.similarity, params.evaluate):
+    from .compensation import METHODS
+    from .importance import METRICS
+
+    bad = [m for m in params.score.metrics if m not in METRICS]
+    if bad or not params.score.metrics:
+        raise ParamsError(f"score.metrics {bad or '[]'} must be a non-empty subset of {list(METRICS)}")
+
+    if params.surgery.compensation not in METHODS:
+        raise ParamsError(f"surgery.compensation must be one of {list(METHODS)}, got {params.surgery.compensation!r}")
+    if params.surgery.ridge < 0:
+        raise ParamsError(f"surgery.ridge must be >= 0, got {params.surgery.ridge}")
+    if params.plan.importance not in params.score.metrics:
+        raise ParamsError(f"plan.importance={params.plan.importance!r} is not among score.metrics "
+                          f"{params.score.metrics}; add it there")
+    for section in (params.calibrate, params.score, params.similarity, params.surgery, params.evaluate):
         for key in ("n_samples", "seq_len", "gradient_batch_size", "batch_size"):
             value = getattr(section, key, None)
             if value is not None and value < 1:

@@ -254,20 +254,29 @@ def surgery(params: Params) -> None:
     """Slice the dense model by the plan and save the pruned checkpoint."""
     from transformers import AutoTokenizer
 
+    from .compensation import compensate
     from .surgery import LayerKeep, prune_model, save_pruned
 
     t0 = time.perf_counter()
+    s = params.surgery
     doc = read_json(PLAN_DIR / "plan.json")
-    model, fp, meta = _load_dense(params.surgery.dtype, "cpu")
+    model, fp, meta = _load_dense(s.dtype, s.device)
     if doc["fingerprint"] != fp:
         raise ArtifactMismatchError(f"plan {PLAN_DIR / 'plan.json'} was made for model {doc['fingerprint']}, "
                                     f"not for {MODEL_DIR} ({fp}); re-run score and plan")
     keep = {int(layer): LayerKeep(**k) for layer, k in doc["keep"].items()}
-    report = prune_model(model, keep)
+    replacements = {}
+    if s.compensation != "none":
+        samples, _ = load_calibration(fp)
+        replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size)
+        log.info("compensation %s: refitted %d output projections", s.compensation, len(replacements))
+    report = prune_model(model, keep, replacements)
+    model = model.cpu()
     adapter = get_adapter(model.config)
     counts = parameter_counts(model, adapter, adapter.geometry(model.config))
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    info = {"source_fingerprint": fp, "plan": doc["params"], "removed_layers": report.removed_layers,
+    info = {"source_fingerprint": fp, "plan": doc["params"], "surgery": dataclasses.asdict(s),
+            "removed_layers": report.removed_layers,
             "params_before": meta["params"]["total"], "params_after": counts.total}
     save_pruned(model, tokenizer, PRUNED_DIR, info)
     log.info("pruned model: %s parameters, %d layers (removed %s), standard config: %s",
@@ -310,8 +319,8 @@ def finetune(params: Params) -> None:
     save_adapter(peft_model, FINETUNE_DIR / "adapter")
     if f.merge:
         merged = merge_adapter(peft_model)
-        save_pruned(merged, tokenizer, FINETUNE_DIR / "merged", dict(getattr(merged.config, "gqaprune_info", None) or {},
-                                                                      finetune=dataclasses.asdict(f)))
+        info = dict(getattr(merged.config, "gqaprune_info", None) or {}, finetune=dataclasses.asdict(f))
+        save_pruned(merged, tokenizer, FINETUNE_DIR / "merged", info)
     write_json(FINETUNE_DIR / "status.json", {"enabled": True, "steps": len(loss_rows)})
     losses = pd.DataFrame(loss_rows)
     write_csv(PLOTS_DIR / "finetune_loss.csv", losses)
@@ -372,10 +381,12 @@ def evaluate(params: Params) -> None:
 
             tuned = PeftModel.from_pretrained(pruned, FINETUNE_DIR / "adapter").eval()
         results["finetuned"] = _perplexities(tuned, tokenizer, params)
+    adapter = get_adapter(pruned.config)
+    params_after = parameter_counts(pruned, adapter, adapter.geometry(pruned.config)).total
     metrics = {
         "seq_len": e.seq_len,
         "params_before": analysis["params_before"],
-        "params_after": analysis["params_after"],
+        "params_after": params_after,  # the real checkpoint: bias compensation adds a few parameters
         "ratio_total": round(analysis["ratio_total"], 5),
         "ratio_prunable": round(analysis["ratio_prunable"], 5),
         "ppl": {model: {name: r["ppl"] for name, r in per.items()} for model, per in results.items()},

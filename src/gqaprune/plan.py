@@ -313,7 +313,7 @@ def _hgsp_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.nda
     order = np.lexsort((np.arange(n_units), unit_score))
     valid = unit_of >= 0
     collapsed: set[tuple[int, str]] = set()
-    layer_kind = list(zip(table["layer"].to_numpy(), table["kind"].astype(str).to_numpy()))
+    layer_kind = list(zip(table["layer"].to_numpy(), table["kind"].astype(str).to_numpy(), strict=True))
     while True:
         forced = np.zeros(n_units, dtype=bool)
         if collapsed:

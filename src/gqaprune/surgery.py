@@ -112,11 +112,14 @@ def _source_layers(config, n: int) -> list[int]:
     return [int(s["source_layer"]) for s in specs] if specs else list(range(n))
 
 
-def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep]) -> SurgeryReport:
+def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep],
+                replacements: Mapping[tuple[int, str], nn.Linear] | None = None) -> SurgeryReport:
     """Apply a plan to ``model`` in place and update its config; returns what was kept.
 
     ``keep`` maps a current layer index to the groups it keeps; layers not in ``keep`` are left as
     they are. A layer keeping no attention group and no MLP channel is removed outright.
+    ``replacements`` maps (layer, 'o' | 'down') to a refitted output projection over the kept inputs
+    (see :mod:`gqaprune.compensation`), installed after slicing.
     """
     config = model.config
     adapter = get_adapter(config)
@@ -128,6 +131,13 @@ def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep]) -> SurgeryRepor
             raise ValueError(f"plan names layer {i}, the model has {len(layers)} layers")
         prune_attention(layers[i], sorted(k.attn), adapter, geometry)
         prune_mlp(layers[i], sorted(k.mlp), adapter)
+    for (i, which), linear in (replacements or {}).items():
+        block = adapter.attention(layers[i]) if which == "o" else adapter.mlp(layers[i])
+        old = block.o_proj if which == "o" else block.down_proj
+        if tuple(old.weight.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"replacement {which}_proj of layer {i} has shape {tuple(linear.weight.shape)}, "
+                             f"the pruned layer needs {tuple(old.weight.shape)}")
+        setattr(block, "o_proj" if which == "o" else "down_proj", linear)
 
     shapes = layer_shapes(model, adapter, geometry)
     kept = [s.layer for s in shapes if s.attn_groups or s.mlp_channels]
@@ -136,15 +146,18 @@ def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep]) -> SurgeryRepor
         raise ValueError("the plan removes every decoder layer")
     model.model.layers = nn.ModuleList([layers[i] for i in kept])
     renumber_cache_slots(model.model.layers)
-    specs = [
-        {
-            "source_layer": sources[s.layer],
-            "num_key_value_heads": s.attn_groups,
-            "intermediate_size": s.mlp_channels,
-        }
-        for s in shapes
-        if s.layer in set(kept)
-    ]
+    specs = []
+    for s in shapes:
+        if s.layer not in set(kept):
+            continue
+        spec = {"source_layer": sources[s.layer], "num_key_value_heads": s.attn_groups,
+                "intermediate_size": s.mlp_channels}
+        # output-projection biases the family does not have (added by bias compensation)
+        if s.attn_groups and not geometry.o_bias and adapter.attn_projections(layers[s.layer])[3].bias is not None:
+            spec["o_proj_bias"] = True
+        if s.mlp_channels and not geometry.mlp_bias and adapter.mlp_projections(layers[s.layer])[2].bias is not None:
+            spec["down_proj_bias"] = True
+        specs.append(spec)
     uniform = _set_config_geometry(config, specs, geometry, adapter, kept)
     return SurgeryReport(kept_layers=[sources[i] for i in kept], removed_layers=removed, layer_specs=specs,
                          uniform=uniform)
@@ -170,7 +183,8 @@ def _set_config_geometry(config, specs: list[dict], geometry: Geometry, adapter:
     kvs = {s["num_key_value_heads"] for s in specs}
     widths = {s["intermediate_size"] for s in specs}
     heads = next(iter(kvs)) * geometry.q_per_kv
-    uniform = len(kvs) == 1 and len(widths) == 1 and heads > 0 and 0 not in widths and (
+    extra_bias = any(s.get("o_proj_bias") or s.get("down_proj_bias") for s in specs)
+    uniform = len(kvs) == 1 and len(widths) == 1 and heads > 0 and 0 not in widths and not extra_bias and (
         geometry.hidden_size % heads == 0
     )
     if uniform:

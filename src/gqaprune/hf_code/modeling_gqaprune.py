@@ -8,7 +8,9 @@ in ``config.gqaprune_layers``: one entry per kept decoder layer::
     {"source_layer": 12, "num_key_value_heads": 6, "intermediate_size": 11264}
 
 ``num_key_value_heads == 0`` means the layer's attention was pruned away (the residual passes
-through); ``intermediate_size == 0`` likewise for its MLP. The query heads of a layer are
+through); ``intermediate_size == 0`` likewise for its MLP. Optional ``"o_proj_bias": true`` /
+``"down_proj_bias": true`` give that projection a bias the dense family does not have (output
+compensation stores the removed channels' mean contribution there). The query heads of a layer are
 ``num_key_value_heads * (num_attention_heads // num_key_value_heads of the dense config)``, so the
 Q:KV ratio, head_dim and RoPE are those of the dense model.
 
@@ -40,10 +42,11 @@ class EmptyMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    """A fresh Linear of the new shape with the old one's bias setting, dtype and device."""
+def _resized(linear: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """A fresh Linear of the new shape with the old one's bias setting (or ``bias``), dtype and device."""
     w = linear.weight
-    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    return nn.Linear(in_features, out_features, bias=bias or linear.bias is not None, device=w.device,
+                     dtype=w.dtype)
 
 
 def renumber_cache_slots(layers: nn.ModuleList) -> None:
@@ -67,24 +70,28 @@ def apply_layer_geometry(model: nn.Module, layer_specs: list[dict]) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     q_per_kv = config.num_attention_heads // config.num_key_value_heads
     hidden = config.hidden_size
-    for layer, spec in zip(layers, layer_specs):
+    for layer, spec in zip(layers, layer_specs, strict=True):
         kv, inter = int(spec["num_key_value_heads"]), int(spec["intermediate_size"])
         attn = layer.self_attn
         if kv == 0:
             layer.self_attn = EmptyAttention()
-        elif kv != config.num_key_value_heads:
+        else:
             q_out, kv_out = kv * q_per_kv * head_dim, kv * head_dim
-            attn.q_proj = _resized(attn.q_proj, hidden, q_out)
-            attn.k_proj = _resized(attn.k_proj, hidden, kv_out)
-            attn.v_proj = _resized(attn.v_proj, hidden, kv_out)
-            attn.o_proj = _resized(attn.o_proj, q_out, hidden)
+            if kv != config.num_key_value_heads:
+                attn.q_proj = _resized(attn.q_proj, hidden, q_out)
+                attn.k_proj = _resized(attn.k_proj, hidden, kv_out)
+                attn.v_proj = _resized(attn.v_proj, hidden, kv_out)
+            if kv != config.num_key_value_heads or spec.get("o_proj_bias"):
+                attn.o_proj = _resized(attn.o_proj, q_out, hidden, bias=bool(spec.get("o_proj_bias")))
         mlp = layer.mlp
         if inter == 0:
             layer.mlp = EmptyMLP()
-        elif inter != config.intermediate_size:
-            mlp.gate_proj = _resized(mlp.gate_proj, hidden, inter)
-            mlp.up_proj = _resized(mlp.up_proj, hidden, inter)
-            mlp.down_proj = _resized(mlp.down_proj, inter, hidden)
+        else:
+            if inter != config.intermediate_size:
+                mlp.gate_proj = _resized(mlp.gate_proj, hidden, inter)
+                mlp.up_proj = _resized(mlp.up_proj, hidden, inter)
+            if inter != config.intermediate_size or spec.get("down_proj_bias"):
+                mlp.down_proj = _resized(mlp.down_proj, inter, hidden, bias=bool(spec.get("down_proj_bias")))
     renumber_cache_slots(layers)
 
 
