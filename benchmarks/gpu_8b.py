@@ -559,15 +559,7 @@ def bench_preset(bench: Bench, preset: str):
                 lambda b=b: decode_profile(bench, model, b, args.decode_ctx, preset),
             )
     if "align" in sections:
-        bench.run(
-            "speed", "dense_prefill", lambda: prefill_speed(bench, model, *parse_shape(args.prefill_shape))
-        )
-        for b in args.decode_batches:
-            bench.run(
-                "speed",
-                f"dense_decode_b{b}",
-                lambda b=b: decode_speed(bench, model, b, args.decode_ctx, args.decode_steps),
-            )
+        dense_speed(bench, model, args)
         alignment_speed(bench, model, preset)
 
     # ---- floors
@@ -695,15 +687,7 @@ def bench_preset(bench: Bench, preset: str):
 
     # ---- speed of the dense model, then surgery (+ save for 20%/align 8) and speed of each pruned model
     if "speed" in sections and "align" not in sections:
-        bench.run(
-            "speed", "dense_prefill", lambda: prefill_speed(bench, model, *parse_shape(args.prefill_shape))
-        )
-        for b in args.decode_batches:
-            bench.run(
-                "speed",
-                f"dense_decode_b{b}",
-                lambda b=b: decode_speed(bench, model, b, args.decode_ctx, args.decode_steps),
-            )
+        dense_speed(bench, model, args)
     # the default plan (20%, align 8) first: it is the one surgery + save is timed on
     order = sorted(plans, key=lambda k: (k != (0.2, 8), k[1] != 8, k))
     for ratio, align in order:
@@ -997,6 +981,14 @@ def environment(bench: Bench) -> dict:
         if (ROOT / "src/gqaprune" / name).exists()
     }
     return env
+
+
+def dense_speed(bench, model, args) -> None:
+    """Prefill and decode speed of the dense model (the baseline of every pruned-speed ratio)."""
+    bench.run("speed", "dense_prefill", lambda: prefill_speed(bench, model, *parse_shape(args.prefill_shape)))
+    for b in args.decode_batches:
+        bench.run("speed", f"dense_decode_b{b}",
+                  lambda b=b: decode_speed(bench, model, b, args.decode_ctx, args.decode_steps))
 
 
 def main(argv=None):

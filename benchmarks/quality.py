@@ -85,7 +85,8 @@ def main(
     stats = collect_stats(dense, samples, list(range(geometry.num_layers)))
     prep_s = time.perf_counter() - t0
     dense_ppl = _ppl(dense, tokenizer, eval_sets, seq_len, eval_tokens, batch_size, data_dir)
-    meta = {"model": model, "params_total": counts.total, "calibration": f"wikitext2/validation {n_samples} x {seq_len}",
+    meta = {"model": model, "params_total": counts.total,
+            "calibration": f"wikitext2/validation {n_samples} x {seq_len}",
             "calibration_tokens": samples.numel(), "eval_tokens_per_dataset": eval_tokens, "seq_len": seq_len,
             "datasets": eval_sets, "dense": dense_ppl, "scoring_s": round(prep_s, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gqaprune import data, evaluation
 from gqaprune.evaluation import PerplexityResult, PPLMetric, perplexity
+from helpers import bpe_tokenizer
 
 _TRAIN_TEXT = (
     " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
@@ -33,20 +33,7 @@ _SHORT_ROWS = [
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE (vocab 300) trained in memory; adds a BOS "<s>" like LLaMA."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_TRAIN_TEXT], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", model_max_length=128)
+    return bpe_tokenizer([_TRAIN_TEXT], 300, model_max_length=128)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 from peft import PeftModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from gqaprune import data
@@ -27,6 +26,7 @@ from gqaprune.hf_code.modeling_gqaprune import EmptyAttention
 from gqaprune.modelio import load_causal_lm
 from gqaprune.random_models import build_model
 from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+from helpers import bpe_tokenizer
 
 _TRAIN_TEXT = (
     PROMPT_WITH_INPUT + PROMPT_NO_INPUT
@@ -40,20 +40,7 @@ FAST = dict(dropout=0.0, lr=1e-2, max_length=128, batch_size=4)  # tiny, quick, 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE (vocab 500) trained in memory; adds a BOS "<s>" like LLaMA, EOS "</s>"."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_TRAIN_TEXT], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return bpe_tokenizer([_TRAIN_TEXT], 500, eos=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from gqaprune.finetune import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from gqaprune.random_models import build_model
+from helpers import bpe_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,7 @@ def make_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE (vocab 512) trained on a little real text; BOS "<s>" added, EOS "</s>" for LoRA."""
     wiki = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
     ptb = (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8")[:50_000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([wiki, ptb, PROMPT_WITH_INPUT * 5, PROMPT_NO_INPUT * 5], trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return bpe_tokenizer([wiki, ptb, PROMPT_WITH_INPUT * 5, PROMPT_NO_INPUT * 5], 512, eos=True)
 
 
 def tiny_params(model_dir: Path, data_dir: Path) -> dict:

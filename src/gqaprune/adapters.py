@@ -76,17 +76,16 @@ class FamilyAdapter:
     #: Class name of the pruned model in the checkpoint's remote code (``hf_code/modeling_gqaprune.py``).
     pruned_class: ClassVar[str]
 
-    def qkv_bias(self, config) -> bool:
-        """Whether q/k/v projections carry biases."""
-        return bool(getattr(config, "attention_bias", False))
+    #: (q/k/v, o_proj, MLP) bias flags when the family hard-codes them; None reads
+    #: ``config.attention_bias`` / ``config.mlp_bias`` (LLaMA).
+    fixed_biases: ClassVar[tuple[bool, bool, bool] | None] = None
 
-    def o_bias(self, config) -> bool:
-        """Whether o_proj carries a bias."""
-        return bool(getattr(config, "attention_bias", False))
-
-    def mlp_bias(self, config) -> bool:
-        """Whether the MLP projections carry biases."""
-        return bool(getattr(config, "mlp_bias", False))
+    def biases(self, config) -> tuple[bool, bool, bool]:
+        """Whether (q/k/v, o_proj, MLP projections) carry biases."""
+        if self.fixed_biases is not None:
+            return self.fixed_biases
+        attn = bool(getattr(config, "attention_bias", False))
+        return attn, attn, bool(getattr(config, "mlp_bias", False))
 
     def geometry(self, config) -> Geometry:
         """Read the geometry from a config, applying the HF defaults for absent keys, and check it."""
@@ -100,6 +99,7 @@ class FamilyAdapter:
                 f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: "
                 "GQA groups need an integer number of query heads per KV head"
             )
+        qkv_bias, o_bias, mlp_bias = self.biases(config)
         return Geometry(
             model_type=self.model_type,
             hidden_size=int(config.hidden_size),
@@ -109,9 +109,9 @@ class FamilyAdapter:
             head_dim=head_dim,
             intermediate_size=int(config.intermediate_size),
             vocab_size=int(config.vocab_size),
-            qkv_bias=self.qkv_bias(config),
-            o_bias=self.o_bias(config),
-            mlp_bias=self.mlp_bias(config),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
@@ -159,18 +159,7 @@ class Qwen2Adapter(FamilyAdapter):
 
     model_type = "qwen2"
     pruned_class = "PrunedQwen2ForCausalLM"
-
-    def qkv_bias(self, config) -> bool:
-        """Qwen2 hard-codes q/k/v biases in its attention module."""
-        return True
-
-    def o_bias(self, config) -> bool:
-        """Qwen2's o_proj has no bias."""
-        return False
-
-    def mlp_bias(self, config) -> bool:
-        """Qwen2's MLP has no biases."""
-        return False
+    fixed_biases = (True, False, False)
 
 
 class MistralAdapter(FamilyAdapter):
@@ -178,18 +167,7 @@ class MistralAdapter(FamilyAdapter):
 
     model_type = "mistral"
     pruned_class = "PrunedMistralForCausalLM"
-
-    def qkv_bias(self, config) -> bool:
-        """Mistral has no attention biases."""
-        return False
-
-    def o_bias(self, config) -> bool:
-        """Mistral has no attention biases."""
-        return False
-
-    def mlp_bias(self, config) -> bool:
-        """Mistral has no MLP biases."""
-        return False
+    fixed_biases = (False, False, False)
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {a.model_type: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter())}

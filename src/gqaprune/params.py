@@ -39,6 +39,7 @@ class PrepareParams:
 
     model: str = "embedded"
     trust_remote_code: bool = False
+    dtype: str = "float32"  # dtype the dense copy is stored in (bfloat16 halves an 8B model's disk)
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def prepare(params: Params) -> None:
         convert_embedded(MODEL_DIR)
     else:
         log.info("loading %s", p.model)
-        model, tokenizer = load_model(p.model, dtype="float32", trust_remote_code=p.trust_remote_code)
+        model, tokenizer = load_model(p.model, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
         tmp = MODEL_DIR.with_name(MODEL_DIR.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
