@@ -52,8 +52,7 @@ from .params import Params
 
 log = logging.getLogger("gqaprune")
 
-ROOT = Path(".")
-CORPORA_DIR = Path("data/corpora")
+CORPORA_DIR = Path("data/corpora")  # the snapshot prepare writes; every later stage reads it
 MODEL_DIR = Path("artifacts/model")
 MODEL_INFO = Path("artifacts/model.json")
 CALIBRATION_DIR = Path("artifacts/calibration")
@@ -95,11 +94,6 @@ def stage_logging(stage: str):
 def _stage_time(stage: str, seconds: float, extra: dict | None = None) -> None:
     """Write ``metrics/<stage>.json`` with the wall time and any stage metrics."""
     write_json(METRICS_DIR / f"{stage}.json", {"wall_time_s": round(seconds, 2), **(extra or {})})
-
-
-def _data_dir(params: Params) -> Path:
-    """The corpora snapshot that prepare wrote (what every later stage reads)."""
-    return CORPORA_DIR
 
 
 def _model_meta() -> dict:
@@ -151,7 +145,7 @@ def calibrate(params: Params) -> None:
     c = params.calibrate
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     samples = calibration_samples(tokenizer, c.dataset, None, c.n_samples, c.seq_len, c.seed,
-                                  data_dir=_data_dir(params))
+                                  data_dir=CORPORA_DIR)
     meta = {"dataset": c.dataset, "split": CALIBRATION_SPLIT[c.dataset], "n_samples": str(c.n_samples),
             "seq_len": str(c.seq_len), "seed": str(c.seed), "fingerprint": _model_meta()["fingerprint"]}
     CALIBRATION_DIR.mkdir(parents=True, exist_ok=True)
@@ -308,7 +302,7 @@ def finetune(params: Params) -> None:
         return
     model = load_causal_lm(PRUNED_DIR, dtype=f.dtype).to(resolve_device(f.device))
     tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
-    records = load_instructions(f.dataset, "train", data_dir=_data_dir(params))
+    records = load_instructions(f.dataset, "train", data_dir=CORPORA_DIR)
     base_fields = {fld.name for fld in dataclasses.fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(f).items() if k in base_fields})
 
@@ -340,7 +334,7 @@ def _perplexities(model, tokenizer, params: Params) -> dict:
     out = {}
     for name in e.datasets:
         r = perplexity(model, tokenizer, dataset=name, seq_len=e.seq_len, batch_size=e.batch_size,
-                       max_tokens=e.max_tokens, data_dir=_data_dir(params))
+                       max_tokens=e.max_tokens, data_dir=CORPORA_DIR)
         out[name] = {"ppl": round(r.ppl, 4), "tokens": r.n_tokens, "capped": r.capped, "split": r.split}
         log.info("%s/%s: ppl %.3f over %d tokens%s", name, r.split, r.ppl, r.n_tokens,
                  " (capped)" if r.capped else "")
