@@ -18,3 +18,16 @@ def bpe_tokenizer(texts: list[str], vocab_size: int, eos: bool = False, **kwargs
     if eos:
         kwargs["eos_token"] = "</s>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", **kwargs)
+
+
+SAMPLE_TEXT = (
+    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
+    "He had a guest @-@ starring role on the television series The Bill in 2000 . "
+    "no it was n't black monday but while the new york stock exchange did n't fall apart "
+    "the dow jones industrial average plunged N points . The three primary colors are red , blue . "
+) * 20
+
+
+def small_tokenizer() -> PreTrainedTokenizerFast:
+    """The data / evaluation tests' tokenizer: vocab 300 over SAMPLE_TEXT, BOS "<s>", max length 128."""
+    return bpe_tokenizer([SAMPLE_TEXT], 300, model_max_length=128)

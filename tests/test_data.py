@@ -7,19 +7,12 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from gqaprune import data
-from helpers import bpe_tokenizer
-
-_TRAIN_TEXT = (
-    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
-    "He had a guest @-@ starring role on the television series The Bill in 2000 . "
-    "no it was n't black monday but while the new york stock exchange did n't fall apart "
-    "the dow jones industrial average plunged N points . The three primary colors are red , blue . "
-) * 20
+from helpers import small_tokenizer
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level BPE (vocab 300) trained in memory; adds a BOS "<s>" like LLaMA."""
-    return bpe_tokenizer([_TRAIN_TEXT], 300, model_max_length=128)
+    return small_tokenizer()
 
 
 @pytest.fixture(scope="module")
