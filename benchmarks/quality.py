@@ -30,7 +30,7 @@ from gqaprune.groups import parameter_counts
 from gqaprune.importance import METRICS, score_groups
 from gqaprune.modelio import load_model
 from gqaprune.similarity import block_similarity
-from gqaprune.strategies import PEERS, STRATEGIES, prune_copy
+from gqaprune.strategies import PEERS, STRATEGIES, VARIANTS, prune_copy
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -54,7 +54,7 @@ def main(
     data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios of all parameters.")] = "0.1,0.2,0.3,0.5",
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies (default: all).")] = ",".join(STRATEGIES),
-    variant_ratios: Annotated[str, typer.Option(help="Ratios at which the hgsp-* variants run.")] = "0.2,0.3",
+    variant_ratios: Annotated[str, typer.Option(help="Ratios at which ablations / T-tau variants run.")] = "0.2,0.3",
     n_samples: Annotated[int, typer.Option(help="Calibration samples (wikitext2 validation).")] = 64,
     seq_len: Annotated[int, typer.Option(help="Calibration and evaluation window length.")] = 128,
     eval_tokens: Annotated[int, typer.Option(help="Evaluated tokens per dataset (capped windows).")] = 4096,
@@ -97,7 +97,7 @@ def main(
     lora_records = load_instructions("alpaca", "train", data_dir=data_dir) if lora_ratio > 0 else []
     for ratio in [float(r) for r in ratios.split(",") if r]:
         for name in names:
-            if name.startswith("hgsp-") and ratio not in variant_set:
+            if name in VARIANTS and ratio not in variant_set:
                 continue
             t = time.perf_counter()
             pruned, plan = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[name], ratio,

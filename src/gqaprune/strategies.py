@@ -11,8 +11,9 @@ same exact parameter budget:
   block, one global ranking, bias compensation.
 * ``shortgpt``: remove whole layers by block influence (1 - cos) to the same budget.
 * ``ours``: H-GSP with the project defaults (Taylor importance per parameter, global ranking,
-  MLP widths aligned to 8, least-squares output compensation); the ``hgsp-*`` entries are the
-  temperature / tau variants of SPEC.md with the same compensation.
+  MLP widths aligned to 8, least-squares output compensation); ``ours-bias`` / ``ours-nocomp`` are
+  the same plan with FLAP's bias or no compensation; the ``hgsp-*`` entries are the temperature /
+  tau variants of SPEC.md with the same compensation.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {
     "ours": Strategy(dict(importance="taylor", temperature=0.0), "lstsq",
                      "Taylor per parameter, global, aligned, least-squares compensation (project default)"),
+    "ours-bias": Strategy(dict(importance="taylor", temperature=0.0), "bias",
+                          "the default plan with FLAP's bias compensation instead of least squares"),
+    "ours-nocomp": Strategy(dict(importance="taylor", temperature=0.0), "none",
+                            "the default plan without output compensation"),
     "hgsp-T1": Strategy(dict(importance="taylor", temperature=1.0), "lstsq",
                         "H-GSP T=1, tau = 25th percentile, priors normalised per kind"),
     "hgsp-T1-tau0": Strategy(dict(importance="taylor", temperature=1.0, tau=0.0), "lstsq",
@@ -59,6 +64,8 @@ STRATEGIES: dict[str, Strategy] = {
                          "ShortGPT: remove the least influential whole layers"),
 }
 PEERS = ("magnitude-sp", "wanda-sp", "llm-pruner", "flap", "shortgpt")
+#: ablations and T / tau variants of ours: the quality benchmark runs them at fewer ratios
+VARIANTS = tuple(name for name in STRATEGIES if name != "ours" and name not in PEERS)
 
 
 def get_strategy(name: str) -> Strategy:
