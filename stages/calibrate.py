@@ -1,6 +1,7 @@
-"""DVC stage `calibrate`: a thin wrapper over `gqaprune calibrate`; `--help` lists its params."""
+"""DVC stage `calibrate`: a thin wrapper over `gqaprune.recipes.calibrate`; `--help` lists its params."""
 
-from gqaprune.cli import stage_main
+from gqaprune.recipes import calibrate
+from gqaprune.stage import stage_main
 
 if __name__ == "__main__":
-    stage_main("calibrate")
+    stage_main("calibrate", calibrate.run)

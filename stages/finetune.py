@@ -1,6 +1,7 @@
-"""DVC stage `finetune`: a thin wrapper over `gqaprune finetune`; `--help` lists its params."""
+"""DVC stage `finetune`: a thin wrapper over `gqaprune.recipes.finetune`; `--help` lists its params."""
 
-from gqaprune.cli import stage_main
+from gqaprune.recipes import finetune
+from gqaprune.stage import stage_main
 
 if __name__ == "__main__":
-    stage_main("finetune")
+    stage_main("finetune", finetune.run)

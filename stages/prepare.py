@@ -1,6 +1,7 @@
-"""DVC stage `prepare`: a thin wrapper over `gqaprune prepare`; `--help` lists its params."""
+"""DVC stage `prepare`: a thin wrapper over `gqaprune.recipes.prepare`; `--help` lists its params."""
 
-from gqaprune.cli import stage_main
+from gqaprune.recipes import prepare
+from gqaprune.stage import stage_main
 
 if __name__ == "__main__":
-    stage_main("prepare")
+    stage_main("prepare", prepare.run)

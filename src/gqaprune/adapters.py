@@ -16,13 +16,17 @@ so "attention group i" is one KV head with its r query heads, and removing it ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from torch import nn
 
+from .errors import GqapruneError
+from .hf_code import gqaprune_layout as layout
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(GqapruneError, ValueError):
     """The model's family or geometry cannot be pruned by this toolkit."""
 
 
@@ -92,8 +96,7 @@ class FamilyAdapter:
         heads = int(config.num_attention_heads)
         kv = getattr(config, "num_key_value_heads", None)
         kv = heads if kv is None else int(kv)  # absent: plain multi-head attention
-        head_dim = getattr(config, "head_dim", None)
-        head_dim = int(config.hidden_size) // heads if head_dim is None else int(head_dim)
+        head_dim = layout.head_dim(config)
         if kv <= 0 or heads % kv != 0:
             raise UnsupportedModelError(
                 f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: "
@@ -115,36 +118,58 @@ class FamilyAdapter:
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
-    # --- module access -------------------------------------------------------------------------
+    # --- module access (the LLaMA module tree of gqaprune_layout; a family with another tree overrides) ----
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers, in order."""
-        return model.model.layers
+        return layout.decoder_layers(model)
+
+    def set_layers(self, model: nn.Module, layers: Sequence[nn.Module]) -> None:
+        """Replace the decoder layers (KV-cache slots renumbered over the remaining attention blocks)."""
+        layout.set_decoder_layers(model, layers)
+
+    def block(self, layer: nn.Module, kind: str) -> nn.Module:
+        """The attention (``attn``) or MLP (``mlp``) block of a decoder layer."""
+        return layout.block(layer, kind)
+
+    def set_block(self, layer: nn.Module, kind: str, module: nn.Module) -> None:
+        """Install ``module`` as a layer's attention or MLP block."""
+        layout.set_block(layer, kind, module)
 
     def attention(self, layer: nn.Module) -> nn.Module:
         """The attention block of a decoder layer."""
-        return layer.self_attn
+        return layout.block(layer, layout.ATTN)
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         """The MLP block of a decoder layer."""
-        return layer.mlp
+        return layout.block(layer, layout.MLP)
+
+    def members(self, layer: nn.Module, kind: str) -> list[tuple[layout.Member, nn.Linear]]:
+        """(member, Linear) of every projection that a group of ``kind`` spans; [] for an emptied block."""
+        return layout.members(layer, kind)
 
     def attn_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         """(q_proj, k_proj, v_proj, o_proj) of a layer."""
-        a = self.attention(layer)
-        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+        return tuple(lin for _, lin in layout.members(layer, layout.ATTN))
 
     def mlp_projections(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         """(gate_proj, up_proj, down_proj) of a layer."""
-        m = self.mlp(layer)
-        return m.gate_proj, m.up_proj, m.down_proj
+        return tuple(lin for _, lin in layout.members(layer, layout.MLP))
 
     def embeddings(self, model: nn.Module) -> nn.Embedding:
         """Input token embeddings."""
-        return model.model.embed_tokens
+        return model.get_input_embeddings()
 
     def lm_head(self, model: nn.Module) -> nn.Linear:
         """Output projection to the vocabulary."""
-        return model.lm_head
+        return model.get_output_embeddings()
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm applied after the last decoder layer."""
+        return model.model.norm
+
+    def rotary(self, model: nn.Module) -> nn.Module:
+        """The rotary-embedding module (its buffers are not in checkpoints: rebuilt after meta loading)."""
+        return model.model.rotary_emb
 
 
 class LlamaAdapter(FamilyAdapter):

@@ -1,47 +1,131 @@
-"""Artifact I/O: atomic writes, Parquet tables that carry their provenance, provenance checks.
+"""Artifact I/O: atomic writes, stage outputs replaced together, byte-stable tables, provenance checks.
 
-Every table is written with a ``gqaprune`` entry in its Parquet schema metadata (JSON): the model
-fingerprint, the params that produced it and the package version. Readers check the fingerprint so
-scores of one model are never applied to another.
+Three rules, because DVC links its cache objects into the workspace (``cache.type: hardlink,symlink``):
+
+* never write through an existing file: every writer writes a temporary sibling and renames it over
+  the destination (:func:`atomic_path`, :func:`atomic_dir`), so a link into the cache is replaced,
+  never modified;
+* a stage's outputs are replaced together or not at all (:func:`stage_outputs`): they are written to
+  staged siblings and renamed into place only when the whole stage succeeded;
+* equal content gives equal bytes: JSON and Parquet metadata are written with sorted keys, and no
+  timing or date goes into an artifact that a later stage reads (timings are metrics).
+
+Every table carries a ``gqaprune`` entry in its Parquet schema metadata (JSON): the model fingerprint
+and the params that produced it; readers check the fingerprint so scores of one model are never
+applied to another.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+from .errors import GqapruneError, InputError
 
 META_KEY = b"gqaprune"
 
 
-class ArtifactMismatchError(ValueError):
+class ArtifactMismatchError(GqapruneError, ValueError):
     """Two artifacts (or an artifact and a model) do not belong together."""
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, link or folder if it exists (links are unlinked, never followed)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary sibling file path; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_path(tmp)
     try:
         yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)  # replaces a link (into the DVC cache) instead of writing through it
+    finally:
+        remove_path(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder; it replaces ``path`` (whole) only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_path(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        remove_path(path)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove_path(tmp)
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (indented, keys in insertion order)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+class StageOutputs:
+    """The outputs of one stage run, staged next to their final places until the stage succeeds.
+
+    ``outputs(path)`` gives where to write a declared output (or a file inside a declared output
+    folder). :meth:`commit` checks that every declared output was produced, then replaces the old
+    outputs by the new ones; :meth:`abort` drops the staged ones and leaves the old outputs as they
+    were, so the outputs never disagree with each other.
+    """
+
+    def __init__(self, outputs: Sequence[str | Path]):
+        self.outputs = [Path(p) for p in outputs]
+        self.staged = {p: p.with_name(f".{p.name}.staged{os.getpid()}") for p in self.outputs}
+        for tmp in self.staged.values():
+            remove_path(tmp)
+
+    def __call__(self, path: str | Path) -> Path:
+        """The staged location of ``path`` (a declared output or a path inside one)."""
+        path = Path(path)
+        for out, tmp in self.staged.items():
+            if path == out:
+                return tmp
+            if out in path.parents:
+                return tmp / path.relative_to(out)
+        raise ValueError(f"{path} is not among this stage's outputs {[str(p) for p in self.outputs]}")
+
+    def commit(self) -> None:
+        """Replace every output by its staged version (all outputs must have been written)."""
+        missing = [str(p) for p, tmp in self.staged.items() if not tmp.exists()]
+        if missing:
+            raise RuntimeError(f"the stage did not write its outputs {missing}")
+        for out, tmp in self.staged.items():
+            remove_path(out)
+            os.replace(tmp, out)
+
+    def abort(self) -> None:
+        """Drop the staged outputs; the previous outputs stay as they were."""
+        for tmp in self.staged.values():
+            remove_path(tmp)
+
+
+@contextmanager
+def stage_outputs(outputs: Sequence[str | Path]) -> Iterator[StageOutputs]:
+    """Stage ``outputs`` for the block; commit them together on success, drop them on any failure."""
+    staged = StageOutputs(outputs)
+    try:
+        yield staged
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
 
 
 def _jsonable(x):
@@ -51,20 +135,42 @@ def _jsonable(x):
     return str(x)
 
 
+def dumps(obj, sort_keys: bool = False) -> str:
+    """The JSON text the toolkit writes (indented, numpy scalars as numbers, trailing newline)."""
+    return json.dumps(obj, indent=2, default=_jsonable, sort_keys=sort_keys) + "\n"
+
+
+def write_json(path: str | Path, obj, sort_keys: bool = False) -> None:
+    """Write JSON atomically (keys in insertion order unless ``sort_keys``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(dumps(obj, sort_keys))
+
+
 def read_json(path: str | Path) -> dict:
-    """Read a JSON artifact, naming the file when it is missing."""
+    """Read a JSON artifact, naming the file when it is missing or not JSON."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"artifact {path} does not exist; run the stage that writes it first")
-    return json.loads(path.read_text())
+        raise InputError(f"artifact {path} does not exist; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"artifact {path} is not valid JSON ({e}); re-run the stage that writes it") from None
 
 
 def write_table(path: str | Path, df: pd.DataFrame, meta: Mapping) -> None:
-    """Write ``df`` as Parquet with ``meta`` (JSON) in the schema metadata, atomically."""
+    """Write ``df`` as Parquet with ``meta`` (JSON, sorted keys) in the schema metadata, atomically.
+
+    The bytes are a function of the content: the metadata is serialised with sorted keys and the
+    writer's settings are fixed.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pandas(df, preserve_index=False)
-    merged = {**(table.schema.metadata or {}), META_KEY: json.dumps(dict(meta), default=_jsonable).encode()}
+    merged = {**(table.schema.metadata or {}),
+              META_KEY: json.dumps(dict(meta), default=_jsonable, sort_keys=True).encode()}
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(merged), tmp)
+        pq.write_table(table.replace_schema_metadata(merged), tmp, compression="snappy")
 
 
 def write_csv(path: str | Path, df: pd.DataFrame) -> None:
@@ -75,10 +181,16 @@ def write_csv(path: str | Path, df: pd.DataFrame) -> None:
 
 def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """Read a Parquet artifact and its ``gqaprune`` metadata."""
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"artifact {path} does not exist; run the stage that writes it first")
-    table = pq.read_table(path)
+        raise InputError(f"artifact {path} does not exist; run the stage that writes it first")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise InputError(f"artifact {path} is not a readable Parquet file ({e}); re-run the stage that "
+                         "writes it") from None
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise ArtifactMismatchError(f"{path} carries no gqaprune metadata: it was not written by this package")

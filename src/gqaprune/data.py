@@ -30,8 +30,12 @@ Where the data comes from (first hit wins)
 3. The Hugging Face hub through :func:`datasets.load_dataset`.
 
 If none works, :class:`DataNotFoundError` lists every place that was tried and why it failed.
-Offline, the hub step spends about 25 s in retries before failing; set ``HF_HUB_OFFLINE=1`` to make
-it fail at once.
+The hub step is skipped at once when the hub is unreachable (:func:`gqaprune.hub.hub_reachable`: a
+2-second connection probe, or ``HF_HUB_OFFLINE=1``), instead of spending ~25 s in retries.
+
+Corpora are records of :mod:`gqaprune.corpora` (files per split, row rule, hub source); nothing here
+branches on a corpus name. Local files are read with the standard library and pyarrow, so a stage
+that reads a local corpus never imports ``datasets`` (which imports JAX where JAX is installed).
 
 Text protocol (LLM-Pruner's perplexity protocol, the one used for calibration too)
 ----------------------------------------------------------------------------------
@@ -61,6 +65,10 @@ from pathlib import Path
 
 import torch
 
+from .corpora import CORPORA, Corpus, get_corpus
+from .errors import GqapruneError, InputError
+from .hub import hub_reachable
+
 __all__ = [
     "CALIBRATION_SPLIT",
     "CORPORA",
@@ -73,50 +81,19 @@ __all__ = [
     "load_instructions",
     "load_rows",
     "resolve_data_dir",
+    "snapshot_corpora",
     "tokenize_text",
 ]
 
 DATA_DIR_ENV = "GQAPRUNE_DATA_DIR"
 
-#: Split used for calibration by default, per corpus.
-CALIBRATION_SPLIT: dict[str, str] = {"wikitext2": "validation", "ptb": "train", "c4": "calibration"}
+#: Split used for calibration, per corpus.
+CALIBRATION_SPLIT: dict[str, str] = {n: c.calibration_split for n, c in CORPORA.items() if c.calibration_split}
 #: Split used for perplexity evaluation, per corpus (never used for calibration).
-EVALUATION_SPLIT: dict[str, str] = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
-
-#: Valid split names per corpus.
-CORPORA: dict[str, tuple[str, ...]] = {
-    "wikitext2": ("train", "validation", "test"),
-    "ptb": ("train", "validation", "test"),
-    "c4": ("calibration", "validation"),
-    "alpaca": ("train",),
-}
-
-# Files of the local mirror, relative to the data directory: corpus -> split -> candidates (first
-# existing one is used). For c4 both splits come from the same 2,000-document file.
-_LOCAL_FILES: dict[str, dict[str, tuple[str, ...]]] = {
-    "wikitext2": {
-        "train": ("wikitext-2-raw/wiki.train.hf_rows.jsonl",),
-        "validation": ("wikitext-2-raw/wiki.valid.hf_rows.jsonl",),
-        "test": ("wikitext-2-raw/wiki.test.hf_rows.jsonl",),
-    },
-    "ptb": {
-        "train": ("ptb/ptb.train.txt",),
-        "validation": ("ptb/ptb.valid.txt",),
-        "test": ("ptb/ptb.test.txt",),
-    },
-    "c4": {
-        "calibration": ("c4/c4_validation_2k.parquet", "c4/c4_validation_2k.jsonl"),
-        "validation": ("c4/c4_validation_2k.parquet", "c4/c4_validation_2k.jsonl"),
-    },
-}
-# Alpaca: every one of these that exists is loaded, in this order, and concatenated.
-_ALPACA_FILES = ("alpaca/alpaca_data_first200.json", "alpaca/alpaca_en_demo.json")
-
-_C4_DOCS = 2000  # documents taken from a C4 source; first half calibration, second half validation
-_ROW_COLUMN = {"wikitext2": "text", "ptb": "sentence", "c4": "text"}  # HF column holding the text
+EVALUATION_SPLIT: dict[str, str] = {n: c.evaluation_split for n, c in CORPORA.items() if c.evaluation_split}
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(GqapruneError, FileNotFoundError):
     """No source (explicit path, local mirror, Hugging Face hub) could provide the requested data."""
 
 
@@ -130,86 +107,93 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return None if value is None else Path(value).expanduser().absolute()
 
 
-def _check_split(name: str, split: str) -> None:
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPORA)}")
-    if split not in CORPORA[name]:
-        raise ValueError(f"corpus {name!r} has no split {split!r}; splits: {list(CORPORA[name])}")
+def _check_split(name: str, split: str) -> Corpus:
+    corpus = get_corpus(name)
+    corpus.files(split)  # refuses an unknown split
+    return corpus
 
 
-def _hf_rows_from_raw(lines: list[str]) -> list[str]:
-    # The HF wikitext rule: one row per line, newline kept, whitespace-only lines become "".
-    return [line if line.strip() else "" for line in lines]
+def _read_lines(file: Path, rule: str) -> list[str]:
+    """Rows of a plain-text file: one per line, by the corpus' rule (see :class:`gqaprune.corpora.Corpus`)."""
+    with open(file, encoding="utf-8") as f:  # iterate lines as the HF loaders do
+        lines = list(f)
+    if rule == "wikitext":  # newline kept, whitespace-only lines become ""
+        return [line if line.strip() else "" for line in lines]
+    return [line.strip() for line in lines]
 
 
 def _read_column(file: Path, column: str) -> list[str]:
-    """Read one text column of a parquet / json / jsonl(.gz) file through ``datasets``."""
-    from datasets import load_dataset
+    """One text column of a Parquet or JSON-lines file (``text`` when ``column`` is absent)."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
 
-    suffixes = file.suffixes
-    builder = "parquet" if ".parquet" in suffixes else "json"
-    ds = load_dataset(builder, data_files=str(file), split="train")
-    if column not in ds.column_names:
-        # ptb mirrors may call the column "text" rather than HF's "sentence"
-        alt = "text" if "text" in ds.column_names else None
-        if alt is None:
-            raise ValueError(f"{file} has no column {column!r} (columns: {ds.column_names})")
-        column = alt
-    return [str(x) if x is not None else "" for x in ds[column]]
+        table = pq.read_table(file)
+        names = table.column_names
+        values = lambda col: table.column(col).to_pylist()  # noqa: E731
+    else:
+        records = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = list(records[0]) if records else [column]
+        values = lambda col: [r.get(col) for r in records]  # noqa: E731
+    if column not in names:
+        if "text" not in names:
+            raise InputError(f"{file} has no column {column!r} (columns: {names})")
+        column = "text"
+    return [str(x) if x is not None else "" for x in values(column)]
 
 
-def _read_local_rows(name: str, file: Path) -> list[str]:
-    """Rows of corpus ``name`` from one local file (format chosen by its suffix)."""
+def _read_local_rows(corpus: Corpus, file: Path) -> list[str]:
+    """Rows of a corpus from one local file (format by suffix); refuses a file without text."""
     if file.suffix in (".txt", ".raw"):
-        with open(file, encoding="utf-8") as f:  # iterate lines as the HF loaders do
-            lines = list(f)
-        if name == "wikitext2":
-            return _hf_rows_from_raw(lines)
-        return [line.strip() for line in lines]
-    return _read_column(file, _ROW_COLUMN[name])
+        rows = _read_lines(file, corpus.rows)
+    else:
+        rows = _read_column(file, corpus.column)
+    if not any(r.strip() for r in rows):
+        raise InputError(f"corpus file {file} holds no text; restore it (see the data folder's README)")
+    return rows
 
 
 def _load_from_hub(name: str, split: str) -> list[str] | list[dict]:
-    """Load a corpus split from the Hugging Face hub (needs network access)."""
+    """Load a corpus split from the Hugging Face hub (needs network access; fails at once offline)."""
+    corpus = get_corpus(name)
+    if corpus.hub is None:
+        raise ValueError(f"corpus {name!r} has no hub source")
+    if not hub_reachable():
+        raise ConnectionError("the hub is not reachable (offline, or HF_HUB_OFFLINE=1)")
     from datasets import load_dataset
 
-    if name == "wikitext2":
-        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
-    if name == "ptb":
-        return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
-    if name == "c4":
-        ds = load_dataset(
-            "allenai/c4",
-            data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-            split="validation",
-        )
-        return list(ds.select(range(min(_C4_DOCS, len(ds))))["text"])
-    if name == "alpaca":
-        return load_dataset("yahma/alpaca-cleaned", split="train").to_list()
-    raise ValueError(f"no hub source for {name!r}")
+    hub = corpus.hub
+    kwargs = {"data_files": hub.data_files} if hub.data_files else {}
+    ds = load_dataset(hub.path, hub.name, split=hub.hub_split(split), **kwargs)
+    if corpus.instructions:
+        return ds.to_list()
+    if corpus.halves:
+        ds = ds.select(range(min(corpus.halves, len(ds))))
+    column = corpus.column if corpus.column in ds.column_names else "text"
+    return list(ds[column])
 
 
-def _hub_label(name: str, split: str) -> str:
-    return {
-        "wikitext2": f"wikitext/wikitext-2-raw-v1 split {split!r}",
-        "ptb": f"ptb_text_only/penn_treebank split {split!r}",
-        "c4": "allenai/c4 en/c4-validation.00000-of-00008.json.gz",
-        "alpaca": "yahma/alpaca-cleaned split 'train'",
-    }[name]
-
-
-def _c4_half(docs: list[str], split: str) -> list[str]:
-    docs = docs[:_C4_DOCS]
+def _half(corpus: Corpus, docs: list[str], split: str) -> list[str]:
+    """For a corpus cut in halves: the calibration half or the evaluation half of its documents."""
+    if not corpus.halves:
+        return docs
+    docs = docs[:corpus.halves]
     half = len(docs) // 2
-    return docs[:half] if split == "calibration" else docs[half:]
+    return docs[:half] if split == corpus.calibration_split else docs[half:]
 
 
 def _not_found(what: str, looked: list[str]) -> DataNotFoundError:
-    lines = "\n".join(f"  {i}. {entry}" for i, entry in enumerate(looked, 1))
+    lines = "; ".join(f"({i}) {entry}" for i, entry in enumerate(looked, 1))
     return DataNotFoundError(
-        f"could not load {what}; looked in:\n{lines}\n"
-        f"Pass path=..., or data_dir=... / set ${DATA_DIR_ENV} to a local mirror, or allow hub access."
+        f"could not load {what}; looked in: {lines}. "
+        f"Pass path=..., or set data.data_dir / ${DATA_DIR_ENV} to a local mirror, or allow hub access."
     )
+
+
+def _mirror(data_dir) -> tuple[Path | None, str]:
+    """The mirror directory and how it was given (for messages)."""
+    root = resolve_data_dir(data_dir)
+    source = "data_dir argument" if data_dir is not None else f"${DATA_DIR_ENV}"
+    return root, source
 
 
 def load_rows(
@@ -218,21 +202,21 @@ def load_rows(
     data_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Return the text rows of corpus ``name`` (``wikitext2``, ``ptb``, ``c4``), split ``split``.
+    """Return the text rows of corpus ``name`` (e.g. ``wikitext2``, ``ptb``, ``c4``), split ``split``.
 
     Rows follow the HF datasets' row structure (see the module docstring). ``path`` is an explicit
-    file for exactly this split (``.jsonl``/``.json``/``.parquet`` with a ``text`` or ``sentence``
-    column, or ``.txt``/``.raw`` lines); for ``c4`` it is the whole document file and the
-    calibration/validation half is cut from it. Otherwise the local mirror (``data_dir`` or
-    ``$GQAPRUNE_DATA_DIR``) is tried, then the Hugging Face hub.
+    file for exactly this split (``.jsonl``/``.parquet`` with a text column, or ``.txt``/``.raw``
+    lines); for a corpus cut in halves it is the whole document file and the half is cut from it.
+    Otherwise the local mirror (``data_dir`` or ``$GQAPRUNE_DATA_DIR``) is tried, then the hub.
 
     Raises:
-        ValueError: unknown corpus or split (or ``alpaca``: use :func:`load_instructions`).
+        ValueError: unknown corpus or split (or an instruction corpus: use :func:`load_instructions`).
+        InputError: a local file exists but holds no text.
         DataNotFoundError: no source had the data; the message lists every place tried.
     """
-    if name == "alpaca":
-        raise ValueError("alpaca holds instruction records; use load_instructions()")
-    _check_split(name, split)
+    corpus = _check_split(name, split)
+    if corpus.instructions:
+        raise ValueError(f"{name} holds instruction records; use load_instructions()")
     what = f"{name} split {split!r}"
     looked: list[str] = []
 
@@ -240,32 +224,45 @@ def load_rows(
         file = Path(path).expanduser().absolute()
         if not file.is_file():
             raise _not_found(what, [f"explicit path {file}: no such file"])
-        rows = _read_local_rows(name, file)
-        return _c4_half(rows, split) if name == "c4" else rows
+        return _half(corpus, _read_local_rows(corpus, file), split)
 
-    root = resolve_data_dir(data_dir)
+    root, source = _mirror(data_dir)
     if root is None:
         looked.append(f"local mirror: none given (no data_dir argument, ${DATA_DIR_ENV} unset)")
     else:
-        source = "data_dir argument" if data_dir is not None else f"${DATA_DIR_ENV}"
-        for rel in _LOCAL_FILES[name][split]:
+        for rel in corpus.files(split):
             file = root / rel
             if file.is_file():
-                rows = _read_local_rows(name, file)
-                return _c4_half(rows, split) if name == "c4" else rows
-            reason = "no such file" if root.is_dir() else "data directory does not exist"
+                return _half(corpus, _read_local_rows(corpus, file), split)
+            reason = "no such file" if root.is_dir() else "the data directory does not exist"
             looked.append(f"local mirror ({source}) {file}: {reason}")
 
     try:
         rows = _load_from_hub(name, split)
     except Exception as exc:  # offline, missing dataset, removed loader script, ...
-        looked.append(f"Hugging Face hub {_hub_label(name, split)}: {type(exc).__name__}: {exc}")
+        looked.append(f"Hugging Face hub {corpus.hub.label(split) if corpus.hub else name}: "
+                      f"{type(exc).__name__}: {exc}")
         raise _not_found(what, looked) from exc
-    return _c4_half(rows, split) if name == "c4" else rows
+    return _half(corpus, rows, split)
 
 
 def _normalise_record(rec: dict) -> dict:
     return {k: "" if rec.get(k) is None else str(rec.get(k)) for k in ("instruction", "input", "output")}
+
+
+def _read_records(files: list[Path]) -> list[dict]:
+    """Instruction records from JSON (a list) or JSON-lines files, concatenated in order."""
+    records: list[dict] = []
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".jsonl":
+            found = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            found = json.loads(text) if text.strip() else []
+        if not found:
+            raise InputError(f"instruction file {file} holds no records; restore it")
+        records += found
+    return [_normalise_record(r) for r in records]
 
 
 def load_instructions(
@@ -277,28 +274,19 @@ def load_instructions(
     """Return instruction records ``{"instruction", "input", "output"}`` (all ``str``).
 
     ``path`` is one JSON file (a list of records, or JSON lines) or a sequence of them, concatenated
-    in the given order. Otherwise the local mirror's ``alpaca/alpaca_data_first200.json`` followed
-    by ``alpaca/alpaca_en_demo.json`` (those that exist; 1,199 records with both), else
-    ``yahma/alpaca-cleaned`` from the hub.
+    in the given order. Otherwise every local-mirror file of the corpus that exists, in registry
+    order (for ``alpaca``: ``alpaca_data_first200.json`` then ``alpaca_en_demo.json``, 1,199 records
+    with both), else the hub.
 
     Raises:
         ValueError: unknown corpus or split.
         DataNotFoundError: no source had the data; the message lists every place tried.
     """
-    if name != "alpaca":
-        raise ValueError(f"unknown instruction corpus {name!r}; known: ['alpaca']")
-    _check_split(name, split)
+    corpus = _check_split(name, split)
+    if not corpus.instructions:
+        raise ValueError(f"unknown instruction corpus {name!r}; known: "
+                         f"{sorted(n for n, c in CORPORA.items() if c.instructions)}")
     what = f"{name} split {split!r}"
-
-    def read(files: list[Path]) -> list[dict]:
-        records: list[dict] = []
-        for file in files:
-            text = file.read_text(encoding="utf-8")
-            if file.suffix == ".jsonl":
-                records += [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                records += json.loads(text)
-        return [_normalise_record(r) for r in records]
 
     if path is not None:
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -306,22 +294,23 @@ def load_instructions(
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise _not_found(what, [f"explicit path {f}: no such file" for f in missing])
-        return read(files)
+        return _read_records(files)
 
     looked: list[str] = []
-    root = resolve_data_dir(data_dir)
+    root, _ = _mirror(data_dir)
     if root is None:
         looked.append(f"local mirror: none given (no data_dir argument, ${DATA_DIR_ENV} unset)")
     else:
-        files = [root / rel for rel in _ALPACA_FILES if (root / rel).is_file()]
+        files = [root / rel for rel in corpus.files(split) if (root / rel).is_file()]
         if files:
-            return read(files)
-        looked += [f"local mirror {root / rel}: no such file" for rel in _ALPACA_FILES]
+            return _read_records(files)
+        looked += [f"local mirror {root / rel}: no such file" for rel in corpus.files(split)]
 
     try:
         records = _load_from_hub(name, split)
     except Exception as exc:
-        looked.append(f"Hugging Face hub {_hub_label(name, split)}: {type(exc).__name__}: {exc}")
+        looked.append(f"Hugging Face hub {corpus.hub.label(split) if corpus.hub else name}: "
+                      f"{type(exc).__name__}: {exc}")
         raise _not_found(what, looked) from exc
     return [_normalise_record(r) for r in records]
 
@@ -370,7 +359,7 @@ def calibration_samples(
     result is a deterministic function of (tokenizer, text, n_samples, seq_len, seed).
 
     Args:
-        split: ``None`` for :data:`CALIBRATION_SPLIT` ``[name]``; an evaluation split is refused.
+        split: ``None`` for the corpus' calibration split; an evaluation split is refused.
 
     Returns:
         ``torch.long`` tensor ``[n_samples, seq_len]``.
@@ -384,20 +373,21 @@ def calibration_samples(
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    if name not in CALIBRATION_SPLIT:
+    corpus = get_corpus(name)
+    if not corpus.calibration_split:
         raise ValueError(f"cannot calibrate on {name!r}; calibration corpora: {sorted(CALIBRATION_SPLIT)}")
-    split = CALIBRATION_SPLIT[name] if split is None else split
+    split = corpus.calibration_split if split is None else split
     _check_split(name, split)
-    if split == EVALUATION_SPLIT[name]:
+    if split == corpus.evaluation_split:
         raise ValueError(
             f"{name} split {split!r} is the evaluation split; calibrate on another split "
-            f"(default {CALIBRATION_SPLIT[name]!r}) so calibration and evaluation text do not overlap"
+            f"(default {corpus.calibration_split!r}) so calibration and evaluation text do not overlap"
         )
 
     ids = corpus_token_ids(tokenizer, name, split, data_dir=data_dir)  # [n_tokens]
     n_tokens = int(ids.numel())
     if n_tokens < n_samples * seq_len:
-        raise ValueError(
+        raise InputError(
             f"{name} split {split!r} has {n_tokens} tokens, too short for {n_samples} samples x "
             f"{seq_len} tokens = {n_samples * seq_len}; ask for fewer or shorter samples"
         )
@@ -409,58 +399,71 @@ def calibration_samples(
 
 def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
                      ) -> dict[str, list[str]]:
-    """Copy every split of the named corpora into ``out_dir`` in the local-mirror layout.
+    """Write every split of the named corpora into ``out_dir`` in the local-mirror layout.
 
     The pipeline's ``prepare`` stage versions this folder with DVC, and later stages read it as their
-    mirror, so a run is reproducible even when the source mirror or the hub changes. Files come from
-    the mirror (``data_dir`` / ``$GQAPRUNE_DATA_DIR``) as they are; a corpus missing there is fetched
-    from the hub and written in the same layout. Returns ``{corpus: [files written, relative]}``.
+    mirror, so a run is reproducible even when the source mirror or the hub changes. A split comes
+    from the first of its candidate files that exists in the mirror (``data_dir`` /
+    ``$GQAPRUNE_DATA_DIR``), copied as it is after checking that it holds text; a corpus with a
+    split missing there is fetched from the hub and written in the mirror layout. ``out_dir`` must
+    be a fresh folder (the caller stages it and renames it into place, so no file that may be a
+    DVC cache link is ever written through). Returns ``{corpus: [files written, relative]}``.
     """
     import shutil
 
     out = Path(out_dir)
-    root = resolve_data_dir(data_dir)
+    root, _ = _mirror(data_dir)
     written: dict[str, list[str]] = {}
     for name in dict.fromkeys(names):  # unique, in order
-        if name not in CORPORA:
-            raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPORA)}")
-        rels = list(_ALPACA_FILES) if name == "alpaca" else sorted(
-            {files[0] for split, files in _LOCAL_FILES[name].items() if name != "wikitext2" or split != "train"})
-        present = [rel for rel in rels if root is not None and (root / rel).is_file()]
-        if name == "c4":  # either of the two equivalent files will do
-            alternatives = [f for f in _LOCAL_FILES["c4"]["validation"] if root is not None and (root / f).is_file()]
-            present, rels = alternatives[:1], alternatives[:1] or ["c4/c4_validation_2k.jsonl"]
-        if present and len(present) == len(rels):
-            for rel in rels:
+        corpus = get_corpus(name)
+        splits = corpus.snapshot_splits or tuple(corpus.splits)
+        if corpus.instructions:  # every instruction file that exists, concatenated when read
+            found = [rel for rel in corpus.files(splits[0]) if root is not None and (root / rel).is_file()]
+            if found:
+                _read_records([root / rel for rel in found])
+        else:
+            found = []
+            for split in splits:
+                rel = next((r for r in corpus.files(split) if root is not None and (root / r).is_file()), None)
+                if rel is None:
+                    found = []
+                    break
+                if rel not in found:
+                    _read_local_rows(corpus, root / rel)  # refuses an empty file before anything is written
+                    found.append(rel)
+        if found:
+            for rel in found:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(root / rel, out / rel)
         else:
-            rels = _write_from_hub(name, out)
-        written[name] = rels
+            found = _write_from_hub(corpus, out)
+        written[name] = found
     return written
 
 
-def _write_from_hub(name: str, out: Path) -> list[str]:
+def _write_from_hub(corpus: Corpus, out: Path) -> list[str]:
     """Fetch a corpus from the hub and write it in the local-mirror layout; returns the files written."""
+    splits = corpus.snapshot_splits or tuple(corpus.splits)
+    if corpus.instructions:
+        rel = corpus.files(splits[0])[0]
+        target = (out / rel).with_suffix(".jsonl")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        records = load_instructions(corpus.name, splits[0], data_dir=None)
+        target.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return [str(target.relative_to(out))]
     written = []
-    if name == "alpaca":
-        rel = _ALPACA_FILES[0]
-        records = load_instructions(name, "train", path=None, data_dir=None)
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(json.dumps(records, indent=1), encoding="utf-8")
-        return [rel]
-    if name == "c4":
-        rel = "c4/c4_validation_2k.jsonl"
-        docs = load_rows("c4", "calibration", data_dir=None) + load_rows("c4", "validation", data_dir=None)
+    if corpus.halves:  # both halves in one document file, in order
+        docs = []
+        for split in (corpus.calibration_split, corpus.evaluation_split):
+            docs += load_rows(corpus.name, split, data_dir=None)
+        rel = next(r for r in corpus.files(splits[0]) if r.endswith(".jsonl"))
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         return [rel]
-    for split, files in _LOCAL_FILES[name].items():
-        if name == "wikitext2" and split == "train":
-            continue
-        rel, rows = files[0], load_rows(name, split, data_dir=None)
+    for split in splits:
+        rel, rows = corpus.files(split)[0], load_rows(corpus.name, split, data_dir=None)
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        if rel.endswith(".txt"):
+        if rel.endswith((".txt", ".raw")):
             (out / rel).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         else:
             (out / rel).write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")

@@ -207,3 +207,18 @@ class PPLMetric(dict):
             )
             self.results[name] = result
             self[name] = result.ppl
+
+
+def perplexities(model, tokenizer, datasets: Sequence[str], seq_len: int = 128, batch_size: int = 8,
+                 max_tokens: int | None = None, data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """``{dataset: {"ppl", "tokens", "capped", "split"}}`` for each corpus, ppl rounded to 4 decimals."""
+    import logging
+
+    log = logging.getLogger("gqaprune")
+    out = {}
+    for name in datasets:
+        r = perplexity(model, tokenizer, dataset=name, seq_len=seq_len, batch_size=batch_size,
+                       max_tokens=max_tokens, data_dir=data_dir)
+        out[name] = {"ppl": round(r.ppl, 4), "tokens": r.n_tokens, "capped": r.capped, "split": r.split}
+        log.info("%s/%s: ppl %.3f over %d tokens%s", name, r.split, r.ppl, r.n_tokens, " (capped)" if r.capped else "")
+    return out

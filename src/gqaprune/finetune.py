@@ -51,18 +51,21 @@ micro-batches (so accumulation does not change the objective).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .artifacts import atomic_dir, write_json
+from .params import DEFAULT_TARGET_MODULES, FinetuneConfig
+from .torchutil import activation_checkpointing
 
 log_ = logging.getLogger(__name__)
 
@@ -84,8 +87,6 @@ __all__ = [
 
 IGNORE_INDEX = -100  # label value ignored by the loss (prompt and padding positions)
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -96,78 +97,6 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """LoRA recovery settings (the ``finetune`` section of params.yaml).
-
-    Attributes:
-        r: LoRA rank.
-        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
-        dropout: dropout on the LoRA branch input, in [0, 1).
-        lr: peak learning rate of AdamW.
-        epochs: passes over the records (fractions allowed: 0.5 = half an epoch of batches).
-        max_steps: optional cap on optimizer steps (training stops after that many, whatever ``epochs``).
-        batch_size: examples per micro-batch.
-        grad_accum: micro-batches per optimizer step.
-        max_length: tokens per example after truncation (prompt + response + EOS).
-        n_records: use only the first N records (None: all).
-        seed: seeds LoRA initialisation, dropout and the shuffling.
-        gradient_checkpointing: recompute decoder-layer activations in the backward pass (less memory).
-        target_modules: names (suffixes) of the Linear layers that get LoRA; those a pruned layer lost
-            are simply skipped in that layer.
-        warmup_steps: optimizer steps of linear warm-up from 0 to ``lr``.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 3e-4
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 256
-    n_records: int | None = None
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    warmup_steps: int = 0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad key as ``finetune.<key>``."""
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        checks = [
-            ("r", is_int(self.r) and self.r >= 1, "an integer >= 1"),
-            ("alpha", is_num(self.alpha) and self.alpha > 0, "a number > 0"),
-            ("dropout", is_num(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
-            ("lr", is_num(self.lr) and self.lr > 0, "a number > 0"),
-            ("epochs", is_num(self.epochs) and self.epochs > 0, "a number > 0"),
-            ("max_steps", self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1),
-             "null or an integer >= 1"),
-            ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            ("grad_accum", is_int(self.grad_accum) and self.grad_accum >= 1, "an integer >= 1"),
-            ("max_length", is_int(self.max_length) and self.max_length >= 2, "an integer >= 2"),
-            ("n_records", self.n_records is None or (is_int(self.n_records) and self.n_records >= 1),
-             "null or an integer >= 1"),
-            ("seed", is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
-            ("gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false"),
-            ("target_modules",
-             isinstance(self.target_modules, tuple | list) and len(self.target_modules) > 0
-             and all(isinstance(t, str) and t for t in self.target_modules),
-             "a non-empty list of module names"),
-            ("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
-        ]
-        for key, ok, what in checks:
-            if not ok:
-                raise ValueError(f"finetune.{key} must be {what}, got {getattr(self, key)!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,24 +247,6 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing on a transformers model, plus the embedding-output hook it needs.
-
-    With frozen embeddings the embedding output does not require grad; the hook makes it do so, so
-    gradients flow into checkpointed layers (needed by re-entrant checkpointing, harmless otherwise).
-    """
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    if not getattr(model, "_require_grads_hooks", None):  # transformers may already have added it
-        model.enable_input_require_grads()
-
-
-def _disable_checkpointing(model: nn.Module) -> None:
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    disable()
-    model.disable_input_require_grads()
-
-
 def _existing_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The target names that match (as peft does: exact name or ``.name`` suffix) at least one Linear."""
     found = []
@@ -386,9 +297,6 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora)
     base = peft_model.get_base_model()
-    if config.gradient_checkpointing:
-        _enable_checkpointing(base)
-
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     batches_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -405,7 +313,8 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     peft_model.train()
     done_micro = 0
     try:
-        with tqdm(total=total_steps, desc="finetune (LoRA)", unit="step") as bar:
+        with activation_checkpointing(base, config.gradient_checkpointing, frozen_inputs=True), \
+                tqdm(total=total_steps, desc="finetune (LoRA)", unit="step") as bar:
             for step in range(total_steps):
                 n_micro = min(config.grad_accum, total_micro - done_micro)
                 micro = [collate([examples[i] for i in next(stream)], pad) for _ in range(n_micro)]
@@ -427,8 +336,6 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
     finally:
-        if config.gradient_checkpointing:
-            _disable_checkpointing(base)
         peft_model.eval()
     return peft_model
 
@@ -442,14 +349,19 @@ def save_adapter(peft_model, out_dir: str | Path) -> Path:
     """Save only the LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) to ``out_dir``.
 
     Written to a temporary sibling folder and renamed into place, replacing an existing ``out_dir``.
+    peft keeps ``target_modules`` as a set, so its JSON order varies from run to run; the config is
+    rewritten with sorted lists and keys, so equal adapters give equal bytes.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp)
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        for key, value in config.items():
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                config[key] = sorted(value)
+        config_path.unlink()
+        write_json(config_path, config, sort_keys=True)
+    return Path(out_dir)
 
 
 def merge_adapter(peft_model) -> nn.Module:

@@ -1,8 +1,9 @@
 """Prunable groups: the units that the plan keeps or removes, with their exact parameter cost.
 
-* attention group i of layer l: KV head i (k/v rows and biases), its r query heads (q rows and
-  bias) and the matching o_proj input columns;
-* MLP group i of layer l: SwiGLU channel i (gate and up rows, down column).
+Which rows and columns a group owns is defined once, in :mod:`gqaprune.hf_code.gqaprune_layout`
+(``GROUP_KINDS``: per kind, the member projections, their axis and how many rows / columns one
+group owns); importance scoring, surgery, compensation and the saved modeling code all read it from
+there. This module enumerates the groups of a concrete model as a table.
 
 Shapes are read from the modules themselves, not only from the config, so a model that was already
 pruned (fewer groups in some layers, or an emptied block) enumerates correctly too.
@@ -10,46 +11,30 @@ pruned (fewer groups in some layers, or an emptied block) enumerates correctly t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import pandas as pd
 from torch import nn
 
 from .adapters import FamilyAdapter, Geometry
-from .hf_code.modeling_gqaprune import EmptyAttention, EmptyMLP
+from .hf_code import gqaprune_layout as layout
+from .hf_code.gqaprune_layout import GROUP_KINDS, OUTPUT, Member, group_indices, unit_width
+from .schema import ATTN, KINDS, MLP, LayerShape, ParamCounts
 
-ATTN = "attn"
-MLP = "mlp"
-KINDS = (ATTN, MLP)
+__all__ = ["ATTN", "GROUP_KINDS", "KINDS", "MLP", "OUTPUT", "LayerShape", "Member", "ParamCounts",
+           "count_parameters", "group_indices", "group_table", "layer_shapes", "member_width",
+           "parameter_counts"]
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """How many attention groups (KV heads) and MLP channels one decoder layer currently has."""
-
-    layer: int
-    attn_groups: int
-    mlp_channels: int
+def member_width(member: Member, geometry: Geometry) -> int:
+    """Rows (axis 0) or columns (axis 1) of ``member`` that one group owns."""
+    return unit_width(member.unit, geometry.q_per_kv, geometry.head_dim)
 
 
 def layer_shapes(model: nn.Module, adapter: FamilyAdapter, geometry: Geometry) -> list[LayerShape]:
     """Current per-layer group counts, from the weight shapes (an emptied block counts 0)."""
-    shapes = []
-    for i, layer in enumerate(adapter.layers(model)):
-        attn = adapter.attention(layer)
-        kv = 0 if isinstance(attn, EmptyAttention) else adapter.attn_projections(layer)[1].out_features
-        mlp = adapter.mlp(layer)
-        ch = 0 if isinstance(mlp, EmptyMLP) else adapter.mlp_projections(layer)[0].out_features
-        shapes.append(LayerShape(i, kv // geometry.head_dim, ch))
-    return shapes
-
-
-def frozen_layers(num_layers: int, freeze_first: int, freeze_last: int) -> set[int]:
-    """Indices of the layers that are never pruned."""
-    if freeze_first < 0 or freeze_last < 0:
-        raise ValueError("freeze_first_n_layers and freeze_last_n_layers must be >= 0")
-    return set(range(min(freeze_first, num_layers))) | set(range(max(num_layers - freeze_last, 0), num_layers))
+    return [LayerShape(i, layout.group_count(layer, ATTN, geometry.head_dim),
+                       layout.group_count(layer, MLP, geometry.head_dim))
+            for i, layer in enumerate(adapter.layers(model))]
 
 
 def group_table(shapes: list[LayerShape], geometry: Geometry) -> pd.DataFrame:
@@ -83,24 +68,6 @@ def group_table(shapes: list[LayerShape], geometry: Geometry) -> pd.DataFrame:
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters of the model (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    """Parameter totals used for ratios: ``total`` includes embeddings and lm_head (once if tied).
-
-    ``layer_extra`` is what a decoder layer holds outside its groups (its two norms): it goes only
-    when the whole layer is removed.
-    """
-
-    total: int
-    embeddings: int
-    prunable: int
-    layer_extra: int = 0
-
-    def to_dict(self) -> dict:
-        """Plain-dict form, for JSON."""
-        return asdict(self)
 
 
 def parameter_counts(model: nn.Module, adapter: FamilyAdapter, geometry: Geometry) -> ParamCounts:

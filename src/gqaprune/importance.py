@@ -27,18 +27,21 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import FamilyAdapter, get_adapter
+from .errors import NonFiniteError
 from .groups import ATTN, MLP, group_table, layer_shapes
+from .schema import ACTIVATION_METRICS, GRADIENT_METRICS, METRICS, LayerShape
+from .torchutil import activation_checkpointing, check_finite_weights, watch_activations
 
 log = logging.getLogger(__name__)
 
-METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd", "fluctuation")
-GRADIENT_METRICS = {"taylor", "taylor_2nd"}
+__all__ = ["METRICS", "GRADIENT_METRICS", "Reducer", "check_calibration", "score_groups"]
 
 class Reducer:
     """Maps an elementwise score tensor of one parameter to one value per group: [groups].
@@ -66,37 +69,20 @@ class Reducer:
                 torch.linalg.vector_norm(v, 2, dim=dims).square())
 
 
-def _rows(groups: int) -> Reducer:
-    """Groups own consecutive equal blocks of output rows (q/k/v/gate/up weights, their biases)."""
-    return Reducer(groups, "rows")
-
-
-def _cols(groups: int) -> Reducer:
-    """Groups own consecutive equal blocks of input columns (o_proj / down_proj weights)."""
-    return Reducer(groups, "cols")
-
-
-def _members(layer: nn.Module, adapter: FamilyAdapter, n_attn: int, n_mlp: int):
+def _members(layer: nn.Module, adapter: FamilyAdapter, shape: LayerShape):
     """(kind, parameter, role, reducer) for every parameter that belongs to a layer's groups.
 
-    ``role`` names the input feeding the parameter for wanda: 'attn_in', 'o_in', 'mlp_in', 'down_in'
-    or 'bias'.
+    ``role`` names the input feeding the parameter for wanda ('attn_in', 'o_in', 'mlp_in', 'down_in',
+    the members' ``reads``) or 'bias' (a bias entry is owned by the group owning its row).
     """
     out = []
-    if n_attn:
-        q, k, v, o = adapter.attn_projections(layer)
-        for lin in (q, k, v):
-            out.append((ATTN, lin.weight, "attn_in", _rows(n_attn)))
-            if lin.bias is not None:
-                out.append((ATTN, lin.bias, "bias", _rows(n_attn)))
-        out.append((ATTN, o.weight, "o_in", _cols(n_attn)))
-    if n_mlp:
-        gate, up, down = adapter.mlp_projections(layer)
-        for lin in (gate, up):
-            out.append((MLP, lin.weight, "mlp_in", _rows(n_mlp)))
-            if lin.bias is not None:
-                out.append((MLP, lin.bias, "bias", _rows(n_mlp)))
-        out.append((MLP, down.weight, "down_in", _cols(n_mlp)))
+    for kind, n in ((ATTN, shape.attn_groups), (MLP, shape.mlp_channels)):
+        if not n:
+            continue
+        for member, lin in adapter.members(layer, kind):
+            out.append((kind, lin.weight, member.reads, Reducer(n, "rows" if member.axis == 0 else "cols")))
+            if lin.bias is not None and member.axis == 0:  # an output-projection bias belongs to no group
+                out.append((kind, lin.bias, "bias", Reducer(n, "rows")))
     return out
 
 
@@ -168,16 +154,16 @@ def score_groups(
     if gradient_batch_size < 1:
         raise ValueError("gradient_batch_size must be >= 1")
     check_calibration(samples)
+    check_finite_weights(model)
     adapter = get_adapter(model.config)
     geometry = adapter.geometry(model.config)
     shapes = layer_shapes(model, adapter, geometry)
     table = group_table(shapes, geometry)
     device = next(model.parameters()).device
     need_grad = bool(GRADIENT_METRICS & set(metrics))
-    need_data = need_grad or bool({"wanda", "fluctuation"} & set(metrics))
+    need_data = need_grad or bool(ACTIVATION_METRICS & set(metrics))
 
-    members = {s.layer: _members(adapter.layers(model)[s.layer], adapter, s.attn_groups, s.mlp_channels)
-               for s in shapes}
+    members = {s.layer: _members(adapter.layers(model)[s.layer], adapter, s) for s in shapes}
     # accumulators[(layer, kind)][metric] -> float32 [groups]
     acc: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
@@ -193,7 +179,7 @@ def score_groups(
                     add(layer, kind, "magnitude", reduce(p.detach().float().abs()))
         checks: list[tuple[torch.Tensor, str]] = []  # per-gradient finiteness flags, read once per batch
         if need_data:
-            if {"wanda", "fluctuation"} & set(metrics):  # the input statistics serve these only
+            if ACTIVATION_METRICS & set(metrics):  # the input statistics serve these only
                 _register_input_hooks(model, adapter, shapes, norms, stack)
             if need_grad:
                 params = [p for items in members.values() for _, p, _, _ in items]
@@ -227,6 +213,11 @@ def score_groups(
         table[metric] = torch.cat(
             [acc[(int(layer), kind)][metric].double().cpu() for layer, kind in _table_blocks(table)]
         ).numpy()
+        bad = ~np.isfinite(table[metric].to_numpy())
+        if bad.any():
+            row = table[bad].iloc[0]
+            raise NonFiniteError(f"{metric} score of {row['kind']} group {int(row['index'])} in layer "
+                                 f"{int(row['layer'])} is not finite; check that layer's weights")
     return table
 
 
@@ -237,18 +228,15 @@ def _table_blocks(table: pd.DataFrame) -> list[tuple[int, str]]:
 
 
 def _register_input_hooks(model, adapter: FamilyAdapter, shapes, norms: _InputNorms, stack: ExitStack) -> None:
-    """Hook the input of q_proj (shared by k, v), o_proj, gate_proj (shared by up) and down_proj."""
+    """Hook the input of every distinct activation a group member reads (q/k/v share one, gate/up one)."""
     layers = adapter.layers(model)
     for s in shapes:
         layer = layers[s.layer]
-        hooked = []
-        if s.attn_groups:
-            q, _, _, o = adapter.attn_projections(layer)
-            hooked += [(q, "attn_in"), (o, "o_in")]
-        if s.mlp_channels:
-            gate, _, down = adapter.mlp_projections(layer)
-            hooked += [(gate, "mlp_in"), (down, "down_in")]
-        for module, role in hooked:
+        hooked: dict[str, nn.Module] = {}
+        for kind, n in ((ATTN, s.attn_groups), (MLP, s.mlp_channels)):
+            for member, lin in adapter.members(layer, kind) if n else []:
+                hooked.setdefault(member.reads, lin)
+        for role, module in hooked.items():
             handle = module.register_forward_pre_hook(norms.hook((s.layer, role)))
             stack.callback(handle.remove)
 
@@ -283,47 +271,37 @@ def _register_grad_hooks(members, add, stack: ExitStack, checks: list) -> None:
 
 
 def _raise_if_nonfinite(checks: list) -> None:
-    """Raise FloatingPointError naming the first non-finite gradient reduction recorded in ``checks``."""
+    """Raise NonFiniteError naming the first non-finite value recorded in ``checks`` (one host sync)."""
     if not checks:
         return
     ok = torch.stack([flag for flag, _ in checks])
     if not bool(ok.all()):
         first_bad = int((~ok).nonzero()[0, 0])
-        raise FloatingPointError(checks[first_bad][1])
+        raise NonFiniteError(checks[first_bad][1])
     checks.clear()
 
 
 def _calibration_pass(model, samples: torch.Tensor, batch: int, need_grad: bool, checkpointing: bool,
                       norms: _InputNorms, progress: bool, checks: list | None = None) -> None:
     """Forward (+ backward) over ``samples`` in micro-batches; hooks do the accounting."""
-    was_training = model.training
-    if need_grad and checkpointing:
-        # transformers >= 5.2x renamed gradient_* to activation_checkpointing_*; the GPU image has 5.17
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # HF only checkpoints in training mode; these models have no dropout by default
+    checks = checks if checks is not None else []
     try:
-        steps = range(0, samples.shape[0], batch)
-        for start in tqdm(steps, desc="calibration", disable=not progress, unit="batch"):
-            ids = samples[start:start + batch]
-            norms.enabled = True
-            if need_grad:
-                with torch.enable_grad():
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite calibration loss ({loss.item()}) at sample {start}")
-                    norms.enabled = False  # a checkpointed backward re-runs forwards: do not count twice
-                    loss.backward()
-                _raise_if_nonfinite(checks if checks is not None else [])
-            else:
-                model(input_ids=ids, use_cache=False)
-            norms.tokens += ids.numel()
+        with activation_checkpointing(model, need_grad and checkpointing), watch_activations(model, checks):
+            steps = range(0, samples.shape[0], batch)
+            for start in tqdm(steps, desc="calibration", disable=not progress, unit="batch"):
+                ids = samples[start:start + batch]
+                norms.enabled = True
+                if need_grad:
+                    with torch.enable_grad():
+                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        _raise_if_nonfinite(checks)  # a non-finite activation is named before the loss
+                        if not torch.isfinite(loss):
+                            raise NonFiniteError(f"non-finite calibration loss ({loss.item()}) at sample {start}")
+                        norms.enabled = False  # a checkpointed backward re-runs forwards: do not count twice
+                        loss.backward()
+                else:
+                    model(input_ids=ids, use_cache=False)
+                _raise_if_nonfinite(checks)
+                norms.tokens += ids.numel()
     finally:
         norms.enabled = True
-        if need_grad and checkpointing:
-            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-            disable()
-        model.train(was_training)
-

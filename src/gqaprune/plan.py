@@ -42,68 +42,16 @@ ShortGPT).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-from .groups import ATTN, MLP, ParamCounts
-from .importance import METRICS
-from .surgery import LayerKeep
+from .params import NORMALIZATIONS, PRIOR_NORMS, STRATEGIES, PlanConfig, PlanError
+from .schema import ATTN, METRICS, MLP, LayerKeep, ParamCounts
 
-STRATEGIES = ("hgsp", "uniform", "layer")
-PRIOR_NORMS = ("kind", "none")
-NORMALIZATIONS = ("none", "standardize")
-
-
-class PlanError(ValueError):
-    """The plan's settings or inputs cannot produce a valid plan (unreachable target, bad key...)."""
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """Settings of the global plan (params.yaml section ``plan``)."""
-
-    ratio: float = 0.2
-    importance: str = "taylor"
-    strategy: str = "hgsp"
-    temperature: float = 1.0
-    tau: float | None = None
-    epsilon: float = 0.0
-    freeze_first_n_layers: int = 0
-    freeze_last_n_layers: int = 0
-    mlp_align: int = 8
-    prior_norm: str = "kind"
-    normalize: str = "none"
-
-    def validate(self) -> None:
-        """Raise PlanError naming the first bad key."""
-        if not 0.0 < self.ratio < 1.0:
-            raise PlanError(f"plan.ratio must be in (0, 1), got {self.ratio}")
-        if self.importance not in METRICS:
-            raise PlanError(f"plan.importance must be one of {list(METRICS)}, got {self.importance!r}")
-        if self.strategy not in STRATEGIES:
-            raise PlanError(f"plan.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise PlanError(f"plan.temperature must be a finite number >= 0, got {self.temperature}")
-        if self.tau is not None and (math.isnan(self.tau) or self.tau < 0):
-            raise PlanError(f"plan.tau must be >= 0, inf or null, got {self.tau}")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise PlanError(f"plan.epsilon must be in [0, 1), got {self.epsilon}")
-        if self.freeze_first_n_layers < 0 or self.freeze_last_n_layers < 0:
-            raise PlanError("plan.freeze_first_n_layers and plan.freeze_last_n_layers must be >= 0")
-        if self.prior_norm not in PRIOR_NORMS:
-            raise PlanError(f"plan.prior_norm must be one of {list(PRIOR_NORMS)}, got {self.prior_norm!r}")
-        if self.normalize not in NORMALIZATIONS:
-            raise PlanError(f"plan.normalize must be one of {list(NORMALIZATIONS)}, got {self.normalize!r}")
-        if self.mlp_align < 1:
-            raise PlanError(f"plan.mlp_align must be >= 1, got {self.mlp_align}")
-
-    @property
-    def needs_similarity(self) -> bool:
-        """Whether the plan reads layer/block importance (temperature > 0 or layer removal)."""
-        return self.strategy == "layer" or self.temperature > 0
+__all__ = ["NORMALIZATIONS", "PRIOR_NORMS", "STRATEGIES", "Plan", "PlanConfig", "PlanError", "build_plan",
+           "check_target"]
 
 
 @dataclass
@@ -150,7 +98,7 @@ def resolve_tau(config: PlanConfig, layer_importance: np.ndarray) -> float:
 def _priors(table: pd.DataFrame, sim: pd.DataFrame | None, config: PlanConfig, num_layers: int):
     """Per-group prior and multiplier M, per-layer mode, and tau (None without similarity)."""
     if config.temperature == 0 or sim is None:
-        if config.needs_similarity:
+        if config.temperature > 0:
             raise PlanError("plan.temperature > 0 needs the similarity table (layer/block importance)")
         ones = np.ones(len(table))
         return np.full(len(table), np.nan), ones, np.array(["none"] * num_layers), None
@@ -251,6 +199,8 @@ def build_plan(scores: pd.DataFrame, similarity: pd.DataFrame | None, counts: Pa
     table["score"] = _base_scores(table, config) * multiplier
 
     if config.strategy == "layer":
+        if similarity is None:
+            raise PlanError("plan.strategy 'layer' needs the similarity table (layer importance)")
         pruned = _layer_removal(table, similarity, layer_costs, frozen, target)
     elif config.strategy == "uniform":
         pruned = _uniform_select(table, config, target)

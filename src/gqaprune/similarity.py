@@ -20,7 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
+from .errors import NonFiniteError
 from .importance import check_calibration
+from .torchutil import check_finite_weights, watch_activations
 
 COLUMNS = ("layer", "layer_importance", "attn_importance", "mlp_importance")
 
@@ -31,9 +33,13 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 8,
-                     progress: bool = True) -> pd.DataFrame:
-    """Per-layer importance table (columns: ``COLUMNS``) from forward passes over ``samples`` [n, seq]."""
+                     progress: bool = True, reduce=None) -> pd.DataFrame:
+    """Per-layer importance table (columns: ``COLUMNS``) from forward passes over ``samples`` [n, seq].
+
+    ``reduce`` (in-place sum over processes) combines the sums when the samples are split across ranks.
+    """
     check_calibration(samples)
+    check_finite_weights(model)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     adapter = get_adapter(model.config)
@@ -66,7 +72,9 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
         return fn
 
     tokens = 0
+    checks: list = []
     with ExitStack() as stack, torch.inference_mode():
+        stack.enter_context(watch_activations(model, checks))
         for i, layer in enumerate(layers):
             for handle in (
                 layer.register_forward_pre_hook(layer_in(i), with_kwargs=True),
@@ -78,6 +86,15 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
             ids = samples[start:start + batch_size].to(device)
             model(input_ids=ids, use_cache=False)
             tokens += ids.numel()
+            flags = torch.stack([flag for flag, _ in checks])
+            if not bool(flags.all()):
+                raise NonFiniteError(checks[int((~flags).nonzero()[0, 0])][1])
+            checks.clear()
+    if reduce is not None:
+        count = torch.tensor([float(tokens)], dtype=torch.float64, device=sums.device)
+        reduce(sums)
+        reduce(count)
+        tokens = int(count.item())
     means = (sums / tokens).cpu().numpy()
     return pd.DataFrame({
         "layer": range(n),

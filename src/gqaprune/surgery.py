@@ -11,28 +11,23 @@ checkpoint carries ``modeling_gqaprune.py`` for ``trust_remote_code=True`` loadi
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .adapters import FamilyAdapter, Geometry, get_adapter
+from .artifacts import atomic_dir
 from .groups import layer_shapes
+from .hf_code import gqaprune_layout as layout
 from .hf_code import modeling_gqaprune as hf_code
-from .hf_code.modeling_gqaprune import EmptyAttention, EmptyMLP, renumber_cache_slots
+from .schema import ATTN, MLP, LayerKeep
 
-REMOTE_CODE_FILE = Path(hf_code.__file__)
+#: files saved next to a non-uniform checkpoint so it loads with trust_remote_code=True
+REMOTE_CODE_FILES = (Path(hf_code.__file__), Path(layout.__file__))
 
-
-@dataclass
-class LayerKeep:
-    """Which groups of one layer survive: indices into the layer's *current* groups, ascending."""
-
-    attn: list[int]
-    mlp: list[int]
+__all__ = ["LayerKeep", "SurgeryReport", "prune_attention", "prune_mlp", "prune_model", "save_pruned"]
 
 
 @dataclass
@@ -45,65 +40,15 @@ class SurgeryReport:
     uniform: bool = False
 
 
-def _take(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear holding only ``rows`` (output features) and/or ``cols`` (input features) of ``linear``."""
-    w = linear.weight.detach()
-    b = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        w = w.index_select(0, rows.to(w.device))
-        b = b.index_select(0, rows.to(w.device)) if b is not None else None
-    if cols is not None:
-        w = w.index_select(1, cols.to(w.device))
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    return new
-
-
-def _rows_of(groups: Sequence[int], width: int) -> torch.Tensor:
-    """Row indices of whole groups of ``width`` consecutive rows: [g*width, (g+1)*width) for each g."""
-    g = torch.as_tensor(list(groups), dtype=torch.long)
-    return (g[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
-
-
 def prune_attention(layer: nn.Module, keep: Sequence[int], adapter: FamilyAdapter, geometry: Geometry) -> None:
     """Keep only attention groups ``keep`` (KV heads with their query heads) of ``layer``, in place."""
-    if isinstance(adapter.attention(layer), EmptyAttention):
-        if keep:
-            raise ValueError("cannot keep groups of an attention block that is already empty")
-        return
-    q, k, v, o = adapter.attn_projections(layer)
-    current = k.out_features // geometry.head_dim
-    if list(keep) == list(range(current)):
-        return
-    if not keep:
-        layer.self_attn = EmptyAttention()
-        return
-    d, r = geometry.head_dim, geometry.q_per_kv
-    q_rows, kv_rows = _rows_of(keep, r * d), _rows_of(keep, d)
-    attn = adapter.attention(layer)
-    attn.q_proj, attn.k_proj, attn.v_proj = _take(q, rows=q_rows), _take(k, rows=kv_rows), _take(v, rows=kv_rows)
-    attn.o_proj = _take(o, cols=q_rows)
+    layout.slice_block(layer, ATTN, list(keep), geometry.q_per_kv, geometry.head_dim)
 
 
-def prune_mlp(layer: nn.Module, keep: Sequence[int], adapter: FamilyAdapter) -> None:
+def prune_mlp(layer: nn.Module, keep: Sequence[int], adapter: FamilyAdapter, geometry: Geometry | None = None
+              ) -> None:
     """Keep only SwiGLU channels ``keep`` of ``layer``'s MLP, in place."""
-    if isinstance(adapter.mlp(layer), EmptyMLP):
-        if keep:
-            raise ValueError("cannot keep channels of an MLP block that is already empty")
-        return
-    gate, up, down = adapter.mlp_projections(layer)
-    if list(keep) == list(range(gate.out_features)):
-        return
-    if not keep:
-        layer.mlp = EmptyMLP()
-        return
-    idx = torch.as_tensor(list(keep), dtype=torch.long)
-    mlp = adapter.mlp(layer)
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _take(gate, rows=idx), _take(up, rows=idx), _take(down, cols=idx)
+    layout.slice_block(layer, MLP, list(keep), 1, 1)
 
 
 def _source_layers(config, n: int) -> list[int]:
@@ -118,7 +63,7 @@ def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep],
 
     ``keep`` maps a current layer index to the groups it keeps; layers not in ``keep`` are left as
     they are. A layer keeping no attention group and no MLP channel is removed outright.
-    ``replacements`` maps (layer, 'o' | 'down') to a refitted output projection over the kept inputs
+    ``replacements`` maps (layer, 'attn' | 'mlp') to a refitted output projection over the kept inputs
     (see :mod:`gqaprune.compensation`), installed after slicing.
     """
     config = model.config
@@ -131,21 +76,20 @@ def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep],
             raise ValueError(f"plan names layer {i}, the model has {len(layers)} layers")
         prune_attention(layers[i], sorted(k.attn), adapter, geometry)
         prune_mlp(layers[i], sorted(k.mlp), adapter)
-    for (i, which), linear in (replacements or {}).items():
-        block = adapter.attention(layers[i]) if which == "o" else adapter.mlp(layers[i])
-        old = block.o_proj if which == "o" else block.down_proj
+    for (i, kind), linear in (replacements or {}).items():
+        name = layout.OUTPUT[kind].name
+        old = layout.projection(layers[i], kind, name)
         if tuple(old.weight.shape) != tuple(linear.weight.shape):
-            raise ValueError(f"replacement {which}_proj of layer {i} has shape {tuple(linear.weight.shape)}, "
+            raise ValueError(f"replacement {name} of layer {i} has shape {tuple(linear.weight.shape)}, "
                              f"the pruned layer needs {tuple(old.weight.shape)}")
-        setattr(block, "o_proj" if which == "o" else "down_proj", linear)
+        setattr(adapter.block(layers[i], kind), name, linear)
 
     shapes = layer_shapes(model, adapter, geometry)
     kept = [s.layer for s in shapes if s.attn_groups or s.mlp_channels]
     removed = [sources[s.layer] for s in shapes if not (s.attn_groups or s.mlp_channels)]
     if not kept:
         raise ValueError("the plan removes every decoder layer")
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    renumber_cache_slots(model.model.layers)
+    adapter.set_layers(model, [layers[i] for i in kept])
     specs = []
     for s in shapes:
         if s.layer not in set(kept):
@@ -153,10 +97,10 @@ def prune_model(model: nn.Module, keep: Mapping[int, LayerKeep],
         spec = {"source_layer": sources[s.layer], "num_key_value_heads": s.attn_groups,
                 "intermediate_size": s.mlp_channels}
         # output-projection biases the family does not have (added by bias compensation)
-        if s.attn_groups and not geometry.o_bias and adapter.attn_projections(layers[s.layer])[3].bias is not None:
-            spec["o_proj_bias"] = True
-        if s.mlp_channels and not geometry.mlp_bias and adapter.mlp_projections(layers[s.layer])[2].bias is not None:
-            spec["down_proj_bias"] = True
+        for kind, n, family_bias in ((ATTN, s.attn_groups, geometry.o_bias), (MLP, s.mlp_channels, geometry.mlp_bias)):
+            output = layout.OUTPUT[kind].name
+            if n and not family_bias and layout.projection(layers[s.layer], kind, output).bias is not None:
+                spec[f"{output}_bias"] = True
         specs.append(spec)
     uniform = _set_config_geometry(config, specs, geometry, adapter, kept)
     return SurgeryReport(kept_layers=[sources[i] for i in kept], removed_layers=removed, layer_specs=specs,
@@ -205,18 +149,16 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, info: Mapping 
     """Save a (pruned) model as safetensors + config + tokenizer (+ modeling code when needed).
 
     ``info`` (JSON-serialisable provenance: source fingerprint, plan params) is stored in the config as
-    ``gqaprune_info``. Written to a temporary folder and renamed into place.
+    ``gqaprune_info``. Written to a temporary folder and renamed into place (never through an existing
+    file, which may be a link into the DVC cache).
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if info is not None:
-        model.config.gqaprune_info = json.loads(json.dumps(dict(info)))
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if getattr(model.config, "gqaprune_layers", None):
-        shutil.copyfile(REMOTE_CODE_FILE, tmp / REMOTE_CODE_FILE.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+        model.config.gqaprune_info = json.loads(json.dumps(dict(info), sort_keys=True))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "gqaprune_layers", None):
+            for file in REMOTE_CODE_FILES:
+                (tmp / file.name).write_bytes(file.read_bytes())
+    return Path(out_dir)

@@ -16,82 +16,41 @@ Q:KV ratio, head_dim and RoPE are those of the dense model.
 
 The classes below build the family's normal HF model and then resize its projections before the
 weights are loaded, so the result is a plain torch module: no masks, hooks or patched forwards.
-This file depends on torch and transformers only, so it can be loaded with ``trust_remote_code=True``.
+This file and ``gqaprune_layout.py`` (the one definition of the module tree and of a group) depend on
+torch and transformers only, so a checkpoint that carries both loads with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
+from .gqaprune_layout import (
+    ATTN,
+    MLP,
+    EmptyAttention,
+    EmptyMLP,
+    decoder_layers,
+    head_dim,
+    q_per_kv,
+    renumber_cache_slots,
+    resize_block,
+)
 
-class EmptyAttention(nn.Module):
-    """An attention block whose groups were all pruned: it adds nothing to the residual stream."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        """Return zeros shaped like the input and no attention weights, as HF attention modules do."""
-        return torch.zeros_like(hidden_states), None
-
-
-class EmptyMLP(nn.Module):
-    """An MLP block whose channels were all pruned: it adds nothing to the residual stream."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return zeros shaped like the input."""
-        return torch.zeros_like(hidden_states)
-
-
-def _resized(linear: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    """A fresh Linear of the new shape with the old one's bias setting (or ``bias``), dtype and device."""
-    w = linear.weight
-    return nn.Linear(in_features, out_features, bias=bias or linear.bias is not None, device=w.device,
-                     dtype=w.dtype)
-
-
-def renumber_cache_slots(layers: nn.ModuleList) -> None:
-    """Give the attention blocks that still exist consecutive KV-cache slots 0..A-1.
-
-    HF caches ask slot 0 for the sequence length, so slot numbers must not skip pruned attention.
-    """
-    slot = 0
-    for layer in layers:
-        if not isinstance(layer.self_attn, EmptyAttention):
-            layer.self_attn.layer_idx = slot
-            slot += 1
+__all__ = ["EmptyAttention", "EmptyMLP", "PrunedLlamaForCausalLM", "PrunedMistralForCausalLM",
+           "PrunedQwen2ForCausalLM", "apply_layer_geometry", "renumber_cache_slots"]
 
 
 def apply_layer_geometry(model: nn.Module, layer_specs: list[dict]) -> None:
-    """Resize the projections of ``model.model.layers`` to ``layer_specs`` (see the module docstring)."""
+    """Resize the decoder layers of ``model`` to ``layer_specs`` (see the module docstring)."""
     config = model.config
-    layers = model.model.layers
+    layers = decoder_layers(model)
     if len(layer_specs) != len(layers):
         raise ValueError(f"gqaprune_layers has {len(layer_specs)} entries for {len(layers)} decoder layers")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q_per_kv = config.num_attention_heads // config.num_key_value_heads
-    hidden = config.hidden_size
+    ratio, dim = q_per_kv(config), head_dim(config)
     for layer, spec in zip(layers, layer_specs, strict=True):
-        kv, inter = int(spec["num_key_value_heads"]), int(spec["intermediate_size"])
-        attn = layer.self_attn
-        if kv == 0:
-            layer.self_attn = EmptyAttention()
-        else:
-            q_out, kv_out = kv * q_per_kv * head_dim, kv * head_dim
-            if kv != config.num_key_value_heads:
-                attn.q_proj = _resized(attn.q_proj, hidden, q_out)
-                attn.k_proj = _resized(attn.k_proj, hidden, kv_out)
-                attn.v_proj = _resized(attn.v_proj, hidden, kv_out)
-            if kv != config.num_key_value_heads or spec.get("o_proj_bias"):
-                attn.o_proj = _resized(attn.o_proj, q_out, hidden, bias=bool(spec.get("o_proj_bias")))
-        mlp = layer.mlp
-        if inter == 0:
-            layer.mlp = EmptyMLP()
-        else:
-            if inter != config.intermediate_size:
-                mlp.gate_proj = _resized(mlp.gate_proj, hidden, inter)
-                mlp.up_proj = _resized(mlp.up_proj, hidden, inter)
-            if inter != config.intermediate_size or spec.get("down_proj_bias"):
-                mlp.down_proj = _resized(mlp.down_proj, inter, hidden, bias=bool(spec.get("down_proj_bias")))
+        resize_block(layer, ATTN, int(spec["num_key_value_heads"]), ratio, dim, bool(spec.get("o_proj_bias")))
+        resize_block(layer, MLP, int(spec["intermediate_size"]), ratio, dim, bool(spec.get("down_proj_bias")))
     renumber_cache_slots(layers)
 
 

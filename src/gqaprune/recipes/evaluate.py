@@ -1,0 +1,69 @@
+"""Stage ``evaluate``: perplexity of the pruned and finetuned models next to the cached dense baseline."""
+
+from __future__ import annotations
+
+from ..adapters import get_adapter
+from ..artifacts import ArtifactMismatchError, StageOutputs, read_json
+from ..errors import InputError
+from ..evaluation import perplexities
+from ..groups import parameter_counts
+from ..modelio import load_causal_lm, resolve_device
+from ..params import Params
+from . import CORPORA_DIR, DENSE_PPL, FINETUNE_DIR, PLAN_DIR, PRUNED_DIR
+from .records import Timer, stage_metrics
+
+
+def _check_belongs(pruned, dense: dict, analysis: dict, e) -> None:
+    """Refuse a dense baseline or plan of another model, or a baseline measured with other settings."""
+    source = (getattr(pruned.config, "gqaprune_info", None) or {}).get("source_fingerprint")
+    for what, fp in ((f"dense baseline {DENSE_PPL}", dense.get("fingerprint")),
+                     (f"plan analysis {PLAN_DIR / 'pruning_analysis.json'}", analysis.get("fingerprint"))):
+        if fp != source:
+            raise ArtifactMismatchError(f"{what} belongs to model {fp}, the pruned checkpoint to {source}; "
+                                        "re-run the pipeline (dvc repro)")
+    if dense.get("seq_len") != e.seq_len or set(dense.get("ppl", {})) != set(e.datasets):
+        raise InputError(f"{DENSE_PPL} was measured with other evaluate settings; re-run evaluate_dense")
+
+
+def run(params: Params, out: StageOutputs) -> None:
+    """Evaluate the pruned (and recovered) checkpoints; write ratios to dense and parameter counts."""
+    from transformers import AutoTokenizer
+
+    timer = Timer()
+    e = params.evaluate
+    dense = read_json(DENSE_PPL)
+    analysis = read_json(PLAN_DIR / "pruning_analysis.json")
+    tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
+    device = resolve_device(e.device)
+    pruned = load_causal_lm(PRUNED_DIR, dtype=e.dtype, device=device).eval()
+    _check_belongs(pruned, dense, analysis, e)
+    measure = lambda model: perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size,  # noqa: E731
+                                         e.max_tokens, CORPORA_DIR)
+    results = {"dense": dense["ppl"], "pruned": measure(pruned)}
+    status = read_json(FINETUNE_DIR / "status.json")
+    if status.get("enabled"):
+        merged = FINETUNE_DIR / "merged"
+        if merged.is_dir():
+            tuned = load_causal_lm(merged, dtype=e.dtype, device=device).eval()
+        else:
+            from peft import PeftModel
+
+            tuned = PeftModel.from_pretrained(pruned, FINETUNE_DIR / "adapter").eval()
+        results["finetuned"] = measure(tuned)
+    adapter = get_adapter(pruned.config)
+    params_after = parameter_counts(pruned, adapter, adapter.geometry(pruned.config)).total
+    stage_metrics(out, "evaluate", timer, {
+        "seq_len": e.seq_len,
+        "params_before": analysis["params_before"],
+        "params_after": params_after,  # the real checkpoint: bias compensation adds a few parameters
+        "ratio_total": round(analysis["ratio_total"], 5),
+        "ratio_prunable": round(analysis["ratio_prunable"], 5),
+        "ppl": {model: {name: r["ppl"] for name, r in per.items()} for model, per in results.items()},
+        "ppl_ratio_to_dense": {
+            model: {name: round(r["ppl"] / results["dense"][name]["ppl"], 4) for name, r in per.items()
+                    if name in results["dense"]}
+            for model, per in results.items() if model != "dense"
+        },
+        "tokens_evaluated": {name: r["tokens"] for name, r in results["pruned"].items()},
+        "capped": any(r["capped"] for r in results["pruned"].values()),
+    })

@@ -1,0 +1,28 @@
+"""Stage ``evaluate_dense``: perplexity of the dense model, its own stage so experiments reuse it.
+
+``metrics/dense.json`` is read by ``evaluate``, so it holds only what belongs to the result (model
+fingerprint, settings, perplexities): equal results give equal bytes and do not re-run ``evaluate``.
+The wall time goes to ``metrics/evaluate_dense.json``.
+"""
+
+from __future__ import annotations
+
+from ..artifacts import StageOutputs, write_json
+from ..evaluation import perplexities
+from ..params import Params
+from . import CORPORA_DIR, DENSE_PPL, MODEL_DIR
+from .common import load_dense
+from .records import Timer, stage_metrics
+
+
+def run(params: Params, out: StageOutputs) -> None:
+    """Evaluate the prepared model on every configured corpus."""
+    from transformers import AutoTokenizer
+
+    timer = Timer()
+    e = params.evaluate
+    model, fp, _ = load_dense(e.dtype, e.device)
+    result = perplexities(model, AutoTokenizer.from_pretrained(MODEL_DIR), e.datasets, e.seq_len, e.batch_size,
+                          e.max_tokens, CORPORA_DIR)
+    write_json(out(DENSE_PPL), {"fingerprint": fp, "seq_len": e.seq_len, "dtype": e.dtype, "ppl": result})
+    stage_metrics(out, "evaluate_dense", timer)

@@ -1,0 +1,45 @@
+"""Torch-free helpers of the stage recipes: the dense model's record, stage timing and metrics."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..artifacts import ArtifactMismatchError, StageOutputs, read_json, write_json
+from ..errors import InputError
+from . import METRICS_DIR, MODEL_DIR, MODEL_INFO
+
+MODEL_RECORD = "gqaprune_model.json"  # inside artifacts/model: the fingerprint, to match model.json
+
+
+class Timer:
+    """Wall time of a stage, for its metrics file (timings are metrics, never artifacts)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds since the timer started, rounded to 0.01."""
+        return round(time.perf_counter() - self.start, 2)
+
+
+def stage_metrics(out: StageOutputs, stage: str, timer: Timer, extra: dict | None = None) -> None:
+    """Write ``metrics/<stage>.json``: wall time, peak GPU memory (when a GPU was used) and stage figures."""
+    metrics = {"wall_time_s": timer.seconds()}
+    torch = sys.modules.get("torch")  # only a stage that imported torch can have used a GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    write_json(out(METRICS_DIR / f"{stage}.json"), {**metrics, **(extra or {})})
+
+
+def model_meta() -> dict:
+    """The dense model's record written by prepare, checked against the model folder it describes."""
+    meta = read_json(MODEL_INFO)
+    record = MODEL_DIR / MODEL_RECORD
+    if not record.is_file():
+        raise InputError(f"{MODEL_DIR} has no {MODEL_RECORD}; it was not written by prepare: re-run prepare")
+    inside = read_json(record)
+    if inside.get("fingerprint") != meta.get("fingerprint"):
+        raise ArtifactMismatchError(f"{MODEL_INFO} describes model {meta.get('fingerprint')} but {MODEL_DIR} holds "
+                                    f"{inside.get('fingerprint')}; re-run prepare")
+    return meta

@@ -1,0 +1,26 @@
+"""Stage ``score``: importance of every group, all requested metrics in one pass, one Parquet table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..artifacts import StageOutputs, write_table
+from ..importance import score_groups
+from ..params import Params
+from . import SCORES
+from .common import load_calibration, load_dense
+from .records import Timer, stage_metrics
+
+
+def run(params: Params, out: StageOutputs) -> None:
+    """Score the dense model on the calibration samples; the table records model and params."""
+    timer = Timer()
+    s = params.score
+    model, fp, meta = load_dense(s.dtype, s.device)
+    samples, cal_meta = load_calibration(fp)
+    table = score_groups(model, samples, metrics=s.metrics, gradient_batch_size=s.gradient_batch_size,
+                         gradient_checkpointing=s.gradient_checkpointing)
+    provenance = {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta,
+                  "param_counts": meta["params"], "num_layers": meta["geometry"]["num_layers"]}
+    write_table(out(SCORES), table, provenance)
+    stage_metrics(out, "score", timer, {"groups": len(table)})

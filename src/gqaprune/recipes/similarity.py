@@ -1,0 +1,25 @@
+"""Stage ``similarity``: layer and block importance (1 - cos), one Parquet table and its plot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..artifacts import StageOutputs, write_table
+from ..params import Params
+from ..plots import plot_importance
+from ..similarity import block_similarity
+from . import SIMILARITY
+from .common import load_calibration, load_dense
+from .records import Timer, stage_metrics
+
+
+def run(params: Params, out: StageOutputs) -> None:
+    """Forward passes of the dense model over the calibration samples."""
+    timer = Timer()
+    s = params.similarity
+    model, fp, _ = load_dense(s.dtype, s.device)
+    samples, cal_meta = load_calibration(fp)
+    table = block_similarity(model, samples, batch_size=s.batch_size)
+    write_table(out(SIMILARITY), table, {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta})
+    plot_importance(table, out)
+    stage_metrics(out, "similarity", timer)
