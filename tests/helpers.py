@@ -1,4 +1,6 @@
-"""Shared test helpers: a tiny real tokenizer trained in memory (no network)."""
+"""Shared test helpers: tiny real tokenizers trained in memory (no network), tiny pipeline params."""
+
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -31,3 +33,44 @@ SAMPLE_TEXT = (
 def small_tokenizer() -> PreTrainedTokenizerFast:
     """The data / evaluation tests' tokenizer: vocab 300 over SAMPLE_TEXT, BOS "<s>", max length 128."""
     return bpe_tokenizer([SAMPLE_TEXT], 300, model_max_length=128)
+
+
+def make_pipeline_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (vocab 512) trained on a little real text; BOS "<s>" added, EOS "</s>" for LoRA."""
+    from gqaprune.finetune import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+
+    wiki = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
+    ptb = (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8")[:50_000]
+    return bpe_tokenizer([wiki, ptb, PROMPT_WITH_INPUT * 5, PROMPT_NO_INPUT * 5], 512, eos=True)
+
+
+def tiny_params(model_dir: Path, data_dir: Path) -> dict:
+    """params.yaml for the tiny model: every knob small, CPU only."""
+    return {
+        "data": {"data_dir": str(data_dir)},
+        "prepare": {"model": str(model_dir), "trust_remote_code": False},
+        "calibrate": {"dataset": "wikitext2", "n_samples": 8, "seq_len": 32, "seed": 0},
+        "score": {"metrics": ["taylor", "taylor_2nd", "wanda", "magnitude"], "gradient_batch_size": 4,
+                  "gradient_checkpointing": False, "dtype": "float32", "device": "cpu"},
+        "similarity": {"batch_size": 8, "dtype": "float32", "device": "cpu"},
+        "plan": {"ratio": 0.2, "importance": "taylor", "strategy": "hgsp", "temperature": 1.0, "tau": None,
+                 "epsilon": 0.0, "freeze_first_n_layers": 0, "freeze_last_n_layers": 0, "mlp_align": 8},
+        "surgery": {"dtype": "float32"},
+        "finetune": {"enabled": True, "dataset": "alpaca", "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1.0e-3,
+                     "epochs": 1, "max_steps": 2, "batch_size": 2, "max_length": 128, "n_records": 8,
+                     "merge": True, "dtype": "float32", "device": "cpu"},
+        "evaluate": {"datasets": ["wikitext2", "ptb"], "seq_len": 64, "max_tokens": 256, "batch_size": 4,
+                     "dtype": "float32", "device": "cpu"},
+    }
+
+
+def tiny_model_folder(folder: Path, data_dir: Path, preset: str = "tiny-llama-gqa4") -> Path:
+    """Save a tiny random model of ``preset`` with the pipeline tokenizer into ``folder``."""
+    from gqaprune.random_models import build_model
+
+    tokenizer = make_pipeline_tokenizer(data_dir)
+    model = build_model(preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

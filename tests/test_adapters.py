@@ -8,19 +8,27 @@ from gqaprune.groups import group_table, layer_shapes, parameter_counts
 from gqaprune.random_models import PRESETS, TINY_PRESETS, build_config, build_model
 
 EXPECTED_RATIO = {"tiny-llama-gqa4": 4, "tiny-llama-gqa3": 3, "tiny-qwen2-gqa7": 7, "tiny-mistral-mha": 1}
+# every registered adapter, each with every tiny preset of its family: a new adapter without a tiny
+# preset fails test_every_adapter_has_a_tiny_preset instead of going untested
+CASES = [(family, preset) for family in sorted(ADAPTERS) for preset in TINY_PRESETS if PRESETS[preset][0] == family]
 
 
-@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_every_adapter_has_a_tiny_preset():
+    assert {family for family, _ in CASES} == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("family, preset", CASES)
 class TestAdapterContract:
-    def test_geometry_from_config(self, preset):
+    def test_geometry_from_config(self, family, preset):
         config = build_config(preset)
+        assert get_adapter(config) is ADAPTERS[family]
         geo = get_adapter(config).geometry(config)
-        assert geo.model_type == PRESETS[preset][0]
+        assert geo.model_type == family
         assert geo.q_per_kv == EXPECTED_RATIO[preset]
         assert geo.head_dim == config.hidden_size // config.num_attention_heads
         assert geo.qkv_bias == (geo.model_type == "qwen2")
 
-    def test_group_costs_match_module_parameters(self, preset):
+    def test_group_costs_match_module_parameters(self, family, preset):
         model = build_model(preset)
         adapter = get_adapter(model.config)
         geo = adapter.geometry(model.config)
@@ -30,7 +38,7 @@ class TestAdapterContract:
         assert attn_params == geo.num_kv_heads * geo.attn_group_cost  # no o_proj bias in these families
         assert mlp_params == geo.intermediate_size * geo.mlp_channel_cost
 
-    def test_parameter_counts_add_up(self, preset):
+    def test_parameter_counts_add_up(self, family, preset):
         model = build_model(preset)
         adapter = get_adapter(model.config)
         geo = adapter.geometry(model.config)
@@ -69,3 +77,18 @@ def test_heads_not_divisible_by_kv_heads_refused():
     config = AutoConfig.for_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(UnsupportedModelError, match="num_key_value_heads=4"):
         get_adapter(config)
+
+    def test_setters_and_members(self, family, preset):
+        from gqaprune.hf_code.gqaprune_layout import GROUP_KINDS, EmptyMLP
+
+        model = build_model(preset)
+        adapter = ADAPTERS[family]
+        layer = adapter.layers(model)[0]
+        for kind, members in GROUP_KINDS.items():
+            assert [m.name for m, _ in adapter.members(layer, kind)] == [m.name for m in members]
+        adapter.set_block(layer, "mlp", EmptyMLP())
+        assert adapter.members(layer, "mlp") == [] and isinstance(adapter.mlp(layer), EmptyMLP)
+        adapter.set_layers(model, list(adapter.layers(model))[1:])
+        assert len(adapter.layers(model)) == model.config.num_hidden_layers - 1
+        assert [adapter.attention(layer).layer_idx for layer in adapter.layers(model)] == list(
+            range(model.config.num_hidden_layers - 1))  # KV-cache slots renumbered

@@ -161,3 +161,24 @@ def test_infinite_gradient_with_finite_loss_refused():
     finally:
         handle.remove()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("metrics", [["magnitude"], ["wanda"], ["fluctuation"]])
+def test_nan_weight_refused_by_every_metric_and_by_similarity(metrics):
+    """Forward-only metrics wrote NaN rows and exited 0; the weight is named where it first appears."""
+    model = build_model("tiny-llama-gqa4")
+    with torch.no_grad():
+        model.model.layers[2].mlp.gate_proj.weight[7, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.2\.mlp\.gate_proj\.weight \(decoder layer 2\)"):
+        score_groups(model, SAMPLES, metrics=metrics, progress=False)
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.2\.mlp\.gate_proj\.weight"):
+        block_similarity(model, SAMPLES, progress=False)
+
+
+def test_nonfinite_activation_names_the_layer():
+    model = build_model("tiny-llama-gqa4")
+    with torch.no_grad():  # finite weights whose product overflows float32 in layer 1's MLP
+        model.model.layers[1].mlp.up_proj.weight.fill_(1e30)
+        model.model.layers[1].mlp.down_proj.weight.fill_(1e30)
+    with pytest.raises(FloatingPointError, match="decoder layer 1"):
+        block_similarity(model, SAMPLES, progress=False)

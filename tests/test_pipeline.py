@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import PreTrainedTokenizerFast
 
-from gqaprune.finetune import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
-from gqaprune.random_models import build_model
-from helpers import bpe_tokenizer
+from gqaprune.depgraph import stage_code_deps
+from helpers import tiny_model_folder, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -31,33 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune",
               "evaluate_dense", "evaluate"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
-
-
-def make_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (vocab 512) trained on a little real text; BOS "<s>" added, EOS "</s>" for LoRA."""
-    wiki = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
-    ptb = (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8")[:50_000]
-    return bpe_tokenizer([wiki, ptb, PROMPT_WITH_INPUT * 5, PROMPT_NO_INPUT * 5], 512, eos=True)
-
-
-def tiny_params(model_dir: Path, data_dir: Path) -> dict:
-    """params.yaml for the tiny model: every knob small, CPU only."""
-    return {
-        "data": {"data_dir": str(data_dir)},
-        "prepare": {"model": str(model_dir), "trust_remote_code": False},
-        "calibrate": {"dataset": "wikitext2", "n_samples": 8, "seq_len": 32, "seed": 0},
-        "score": {"metrics": ["taylor", "taylor_2nd", "wanda", "magnitude"], "gradient_batch_size": 4,
-                  "gradient_checkpointing": False, "dtype": "float32", "device": "cpu"},
-        "similarity": {"batch_size": 8, "dtype": "float32", "device": "cpu"},
-        "plan": {"ratio": 0.2, "importance": "taylor", "strategy": "hgsp", "temperature": 1.0, "tau": None,
-                 "epsilon": 0.0, "freeze_first_n_layers": 0, "freeze_last_n_layers": 0, "mlp_align": 8},
-        "surgery": {"dtype": "float32"},
-        "finetune": {"enabled": True, "dataset": "alpaca", "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1.0e-3,
-                     "epochs": 1, "max_steps": 2, "batch_size": 2, "max_length": 128, "n_records": 8,
-                     "merge": True, "dtype": "float32", "device": "cpu"},
-        "evaluate": {"datasets": ["wikitext2", "ptb"], "seq_len": 64, "max_tokens": 256, "batch_size": 4,
-                     "dtype": "float32", "device": "cpu"},
-    }
 
 
 class Repo:
@@ -97,6 +68,17 @@ class Repo:
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def changed_stages(status: str) -> set[str]:
+    """Stage names that `dvc status` lists as changed (lines 'name:' at the start of a line)."""
+    return {line[:-1] for line in status.splitlines() if line.endswith(":") and not line.startswith((" ", "\t"))}
+
+
+def changed_stages_of(module: str, root: Path) -> set[str]:
+    """The stages whose dvc.yaml deps list ``module``."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return {name for name, stage in stages.items() if module in stage.get("deps", [])}
+
+
 def _metric_rows(node, out: list) -> list:
     """(name or rev, plan.ratio, evaluate.json data) of every row of `dvc exp show --json`, at any depth."""
     if isinstance(node, dict):
@@ -118,12 +100,7 @@ def _metric_rows(node, out: list) -> list:
 def repo(tmp_path_factory, data_dir) -> Repo:
     """The scratch repository after git init, dvc init and a first commit of the tiny-model pipeline."""
     base = tmp_path_factory.mktemp("pipeline")
-    model_dir = base / "tiny-model"
-    tokenizer = make_tokenizer(data_dir)
-    model = build_model("tiny-llama-gqa4", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_folder(base / "tiny-model", data_dir)
 
     root = base / "repo"
     root.mkdir()
@@ -175,6 +152,21 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
 
     # 2. nothing changed: nothing runs
     assert "up to date" in repo.dvc_("status")
+    assert repo.ran("repro") == set()
+
+    # 2b. editing a library module marks exactly the stages whose code imports it as changed
+    for module in ("src/gqaprune/similarity.py", "src/gqaprune/data.py", "src/gqaprune/plan.py"):
+        path = root / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        importers = {name for name in ALL_STAGES if module in stage_code_deps(root, name)}
+        assert changed_stages(repo.dvc_("status")) == importers, module
+        path.write_text(original)
+    assert changed_stages(repo.dvc_("status")) == set()
+    assert changed_stages_of("src/gqaprune/similarity.py", root) == {"similarity"}
+
+    # 2c. re-running score on the same inputs writes the same bytes: plan and the rest stay up to date
+    assert repo.ran("repro", "-f", "-s", "score") == {"score"}
     assert repo.ran("repro") == set()
 
     # 3. a finetune param re-runs finetune and evaluate only (dense ppl comes from metrics/dense.json)

@@ -45,35 +45,31 @@ def remove_path(path: str | Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling file path; rename it onto ``path`` only if the block succeeds."""
+def _replacing(path: str | Path, folder: bool) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (a fresh folder if ``folder``) that replaces it if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     remove_path(tmp)
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        if folder or (path.is_dir() and not path.is_symlink()):
+            remove_path(path)
         os.replace(tmp, path)  # replaces a link (into the DVC cache) instead of writing through it
     finally:
         remove_path(tmp)
 
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder; it replaces ``path`` (whole) only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    remove_path(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        remove_path(path)
-        os.replace(tmp, path)
-    finally:
-        remove_path(tmp)
+def atomic_path(path: str | Path):
+    """Context manager: a temporary sibling file path, renamed onto ``path`` only if the block succeeds."""
+    return _replacing(path, folder=False)
+
+
+def atomic_dir(path: str | Path):
+    """Context manager: a fresh temporary sibling folder that replaces ``path`` (whole) only on success."""
+    return _replacing(path, folder=True)
 
 
 class StageOutputs:

@@ -52,40 +52,29 @@ class StageInfo:
     outputs: tuple[str, ...]
 
 
-def _metrics(name: str) -> str:
-    return str(METRICS_DIR / f"{name}.json")
-
-
+_TABLE = [  # name, summary, params sections, outputs (its metrics file added), plots (PNG + CSV each)
+    ("prepare", "Convert, download or reference the dense model into artifacts/model and snapshot the corpora.",
+     (P.PrepareParams, P.DataParams), (MODEL_DIR, MODEL_INFO, CORPORA_DIR), ()),
+    ("calibrate", "Draw tokenised calibration samples from the calibration split.",
+     (P.CalibrateParams,), (CALIBRATION_DIR,), ()),
+    ("score", "Score every attention group and MLP channel (magnitude, wanda, taylor, taylor_2nd, fluctuation).",
+     (P.ScoreParams,), (SCORES_DIR,), ()),
+    ("similarity", "Layer and block importance, 1 - cos(input, output), from forward passes.",
+     (P.SimilarityParams,), (SIMILARITY_DIR,), ("layer_importance",)),
+    ("plan", "Build the H-GSP plan, the global group table and pruning_analysis.json.",
+     (P.PlanConfig,), (PLAN_DIR,), ("kept_fraction",)),
+    ("surgery", "Slice the dense model by the plan and save the pruned checkpoint.",
+     (P.SurgeryParams,), (PRUNED_DIR,), ()),
+    ("finetune", "LoRA recovery fine-tuning of the pruned model on instruction data.",
+     (P.FinetuneParams,), (FINETUNE_DIR,), ("finetune_loss",)),
+    ("evaluate_dense", "Perplexity of the dense model (cached across experiments).",
+     (P.EvaluateParams,), (DENSE_PPL,), ()),
+    ("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
+     (P.EvaluateParams,), (), ()),
+]
 STAGES: dict[str, StageInfo] = {
-    "prepare": StageInfo(
-        "Convert, download or reference the dense model into artifacts/model and snapshot the corpora.",
-        (P.PrepareParams, P.DataParams),
-        (str(MODEL_DIR), str(MODEL_INFO), str(CORPORA_DIR), _metrics("prepare"))),
-    "calibrate": StageInfo(
-        "Draw tokenised calibration samples from the calibration split.", (P.CalibrateParams,),
-        (str(CALIBRATION_DIR), _metrics("calibrate"))),
-    "score": StageInfo(
-        "Score every attention group and MLP channel (magnitude, wanda, taylor, taylor_2nd, fluctuation).",
-        (P.ScoreParams,), (str(SCORES_DIR), _metrics("score"))),
-    "similarity": StageInfo(
-        "Layer and block importance, 1 - cos(input, output), from forward passes.", (P.SimilarityParams,),
-        (str(SIMILARITY_DIR), _metrics("similarity"), str(PLOTS_DIR / "layer_importance.png"),
-         str(PLOTS_DIR / "layer_importance.csv"))),
-    "plan": StageInfo(
-        "Build the H-GSP plan, the global group table and pruning_analysis.json.", (P.PlanConfig,),
-        (str(PLAN_DIR), _metrics("plan"), str(PLOTS_DIR / "kept_fraction.png"),
-         str(PLOTS_DIR / "kept_fraction.csv"))),
-    "surgery": StageInfo(
-        "Slice the dense model by the plan and save the pruned checkpoint.", (P.SurgeryParams,),
-        (str(PRUNED_DIR), _metrics("surgery"))),
-    "finetune": StageInfo(
-        "LoRA recovery fine-tuning of the pruned model on instruction data.", (P.FinetuneParams,),
-        (str(FINETUNE_DIR), _metrics("finetune"), str(PLOTS_DIR / "finetune_loss.png"),
-         str(PLOTS_DIR / "finetune_loss.csv"))),
-    "evaluate_dense": StageInfo(
-        "Perplexity of the dense model (cached across experiments).", (P.EvaluateParams,),
-        (str(DENSE_PPL), _metrics("evaluate_dense"))),
-    "evaluate": StageInfo(
-        "Perplexity of the pruned and finetuned models next to the dense one.", (P.EvaluateParams,),
-        (_metrics("evaluate"),)),
+    name: StageInfo(summary, sections, (
+        *map(str, outs), str(METRICS_DIR / f"{name}.json"),
+        *(str(PLOTS_DIR / f"{plot}.{ext}") for plot in plots for ext in ("png", "csv"))))
+    for name, summary, sections, outs, plots in _TABLE
 }
