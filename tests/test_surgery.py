@@ -133,3 +133,19 @@ def test_uniform_pruning_gives_standard_config(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"
     assert torch.equal(logits(plain), logits(model))
+
+
+def test_streamed_checkpoint_shards_reload_identically(tmp_path):
+    """The streaming writer's sharded layout (index + shards) loads in transformers with equal logits."""
+    from gqaprune.checkpoint import INDEX, save_model
+
+    model = build_model("tiny-qwen2-gqa7")
+    prune_model(model, {0: LayerKeep(attn=[0], mlp=list(range(0, 72, 2)))})
+    save_model(model, tmp_path / "sharded", max_shard_bytes=20_000)  # many shards
+    save_model(model, tmp_path / "again", max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "sharded" / INDEX).is_file()
+    for a in shards:  # equal content, equal bytes
+        assert a.read_bytes() == (tmp_path / "again" / a.name).read_bytes()
+    reloaded = load_causal_lm(tmp_path / "sharded")
+    assert torch.equal(logits(reloaded), logits(model))

@@ -52,6 +52,8 @@ class PerplexityResult:
         n_windows: number of windows evaluated.
         seq_len: window length in tokens.
         capped: True when ``max_tokens`` left out some of the full windows.
+        log_ppl_se: standard error of the log-perplexity (the mean NLL) over windows: the standard
+            deviation of the per-window mean NLL / sqrt(n_windows); NaN for one window.
     """
 
     dataset: str
@@ -61,6 +63,7 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     capped: bool
+    log_ppl_se: float = float("nan")
 
 
 def _tokenizer_key(tokenizer) -> tuple:
@@ -137,34 +140,48 @@ def perplexity(
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [n_windows, seq_len]
 
     device = _input_device(model) if device is None else torch.device(device)
-    total_nll = 0.0  # float64 sum of per-token NLLs, nats
+    window_nll = torch.zeros(n_windows, dtype=torch.float64, device=device)  # summed NLL per window, nats
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), tqdm(total=n_windows, desc=f"ppl {dataset}", unit="win") as bar:
             for start in range(0, n_windows, batch_size):
-                batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
+                batch = windows[start : start + batch_size].to(device, non_blocking=True)  # [b, seq_len]
                 logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
-                labels = batch[:, 1:].to(logits.device)  # [b, seq_len - 1]
-                for row in range(batch.shape[0]):  # one row at a time bounds the float32 copy
-                    nll = F.cross_entropy(
-                        logits[row, :-1].float(), labels[row], reduction="none"
-                    )  # [seq_len - 1], nats
-                    total_nll += nll.double().sum().item()
+                window_nll[start : start + batch.shape[0]] = _window_nll(logits, batch.to(logits.device))
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
 
-    n_predicted = n_windows * (seq_len - 1)
+    per_window = (window_nll / (seq_len - 1)).cpu()  # mean NLL per window; the only host sync
+    mean = float(per_window.mean())
+    se = float(per_window.std() / math.sqrt(n_windows)) if n_windows > 1 else float("nan")
     return PerplexityResult(
         dataset=dataset,
         split=split,
-        ppl=math.exp(total_nll / n_predicted),
+        ppl=math.exp(mean),
         n_tokens=n_windows * seq_len,
         n_windows=n_windows,
         seq_len=seq_len,
         capped=n_windows < n_full,
+        log_ppl_se=se,
     )
+
+
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor, max_bytes: int = 1 << 30) -> torch.Tensor:
+    """Summed next-token NLL (float64, nats) of each window: logits [b, seq, vocab], ids [b, seq] -> [b].
+
+    The float32 log-softmax runs over groups of windows whose float32 copy of the logits stays under
+    ``max_bytes``, so a large batch over a large vocabulary never materialises all of it at once.
+    """
+    b, seq, vocab = logits.shape
+    rows = max(1, max_bytes // max(1, (seq - 1) * vocab * 4))
+    out = torch.empty(b, dtype=torch.float64, device=logits.device)
+    for i in range(0, b, rows):
+        chunk = logits[i : i + rows, :-1].float()  # [r, seq - 1, vocab]
+        nll = F.cross_entropy(chunk.reshape(-1, vocab), ids[i : i + rows, 1:].reshape(-1), reduction="none")
+        out[i : i + rows] = nll.view(chunk.shape[0], seq - 1).double().sum(1)
+    return out
 
 
 class PPLMetric(dict):

@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapters import FamilyAdapter, Geometry, get_adapter
 from .artifacts import atomic_dir
+from .checkpoint import save_model
 from .groups import layer_shapes
 from .hf_code import gqaprune_layout as layout
 from .hf_code import modeling_gqaprune as hf_code
@@ -149,13 +150,14 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, info: Mapping 
     """Save a (pruned) model as safetensors + config + tokenizer (+ modeling code when needed).
 
     ``info`` (JSON-serialisable provenance: source fingerprint, plan params) is stored in the config as
-    ``gqaprune_info``. Written to a temporary folder and renamed into place (never through an existing
-    file, which may be a link into the DVC cache).
+    ``gqaprune_info``. The weights are streamed tensor by tensor from the model's device
+    (:func:`gqaprune.checkpoint.save_model`). Written to a temporary folder and renamed into place
+    (never through an existing file, which may be a link into the DVC cache).
     """
     if info is not None:
         model.config.gqaprune_info = json.loads(json.dumps(dict(info), sort_keys=True))
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model.config, "gqaprune_layers", None):

@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..adapters import get_adapter
 from ..artifacts import StageOutputs, write_json
+from ..checkpoint import save_model
 from ..data import DATA_DIR_ENV, snapshot_corpora
 from ..errors import InputError
 from ..groups import parameter_counts
@@ -90,8 +91,7 @@ def run(params: Params, out: StageOutputs) -> None:
         if source is not None:  # convert the dtype (or other weight formats) into a copy
             log.info("loading %s as %s", source, p.dtype)
             model, tokenizer = load_model(source, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
-            model_dir.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(model_dir)
+            save_model(model, model_dir)
             tokenizer.save_pretrained(model_dir)
             del model
         fp = fingerprint_files(model_dir, config)
