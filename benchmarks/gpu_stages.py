@@ -9,7 +9,7 @@ the in-stage time and peak GPU memory from ``metrics/<stage>.json``, and the sta
         --tokenizer .bench_assets/tokenizer --data-dir .bench_assets/data --work /tmp/stages \\
         --out benchmarks/results/gpu_stages.json
 
-``--preset tiny-llama-gqa4 --device cpu`` runs the same sequence on a CPU in a minute (a dry run of the
+``--preset tiny-llama-gqa4 --device cpu --ratio 0.01`` runs the same sequence on a CPU in a minute (a dry run of the
 script itself). Each preset's folder is deleted after its run (an 8B model and its pruned copy take
 ~27 GB of disk).
 """
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 ORDER = ("prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune", "evaluate_dense", "evaluate")
 
 
-def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int) -> dict:
+def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int, ratio: float) -> dict:
     """The README's GPU settings (bf16, CUDA, large batches), every corpus evaluated in full."""
     on_gpu = device != "cpu"
     dtype = "bfloat16" if on_gpu else "float32"
@@ -44,7 +44,7 @@ def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int) ->
         "similarity": {"batch_size": 32 if on_gpu else 8, "dtype": dtype, "device": device},
         # standardised scores prune every block, so surgery refits all of them (a random model's raw
         # scores would leave most blocks whole and time a fraction of the work: SPEC.md)
-        "plan": {"ratio": 0.2, "importance": "taylor", "temperature": 0.0, "normalize": "standardize"},
+        "plan": {"ratio": ratio, "importance": "taylor", "temperature": 0.0, "normalize": "standardize"},
         "surgery": {"compensation": "lstsq", "batch_size": 32 if on_gpu else 8, "dtype": dtype, "device": device},
         "finetune": {"enabled": finetune_steps > 0, "max_steps": max(finetune_steps, 1), "epochs": 1,
                      "batch_size": 8, "max_length": 256, "gradient_checkpointing": on_gpu, "dtype": dtype,
@@ -100,7 +100,7 @@ def bench_preset(preset: str, args, env: dict) -> dict:
     project.mkdir(parents=True)
     model = make_model(preset, args.tokenizer, work / "model", args.device)
     print(json.dumps({"preset": preset, "model": model}), flush=True)
-    params = gpu_params(work / "model", args.data_dir.resolve(), args.device, args.finetune_steps)
+    params = gpu_params(work / "model", args.data_dir.resolve(), args.device, args.finetune_steps, args.ratio)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
     rows = [run_stage(stage, project, env) for stage in ORDER]
@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gqaprune-stages"), help="scratch folder")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--finetune-steps", type=int, default=0, help="0: finetune disabled (records only)")
+    ap.add_argument("--ratio", type=float, default=0.2, help="plan.ratio (a tiny model with a 49k vocabulary: 0.01)")
     ap.add_argument("--keep", action="store_true", help="keep each preset's folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
