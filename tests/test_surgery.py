@@ -149,3 +149,23 @@ def test_streamed_checkpoint_shards_reload_identically(tmp_path):
         assert a.read_bytes() == (tmp_path / "again" / a.name).read_bytes()
     reloaded = load_causal_lm(tmp_path / "sharded")
     assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_fast_loader_equals_from_pretrained(preset, tmp_path):
+    """Meta build + safetensors read onto the device gives transformers' model, dense and pruned."""
+    from gqaprune.modelio import load_safetensors_model
+
+    model = build_model(preset)
+    model.save_pretrained(tmp_path / "dense")
+    fast = load_causal_lm(tmp_path / "dense")
+    slow = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert torch.equal(logits(fast), logits(slow))
+    assert fast.get_output_embeddings().weight.data_ptr() == fast.get_input_embeddings().weight.data_ptr() or (
+        not model.config.tie_word_embeddings)
+    bf16 = load_safetensors_model(model.config, tmp_path / "dense", "bfloat16", torch.device("cpu"))
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    prune_model(model, {0: LayerKeep(attn=[0], mlp=list(range(0, model.config.intermediate_size, 3))),
+                        1: LayerKeep(attn=[], mlp=list(range(8)))})
+    save_pruned(model, None, tmp_path / "pruned")
+    assert torch.equal(logits(load_causal_lm(tmp_path / "pruned")), logits(model))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from .errors import GqapruneError
@@ -170,6 +171,12 @@ class FamilyAdapter:
     def rotary(self, model: nn.Module) -> nn.Module:
         """The rotary-embedding module (its buffers are not in checkpoints: rebuilt after meta loading)."""
         return model.model.rotary_emb
+
+    def reset_rotary(self, model: nn.Module, device) -> None:
+        """Rebuild the rotary embedding on ``device`` (after building the model on the meta device)."""
+        with torch.device("cpu"):  # built where buffers are real (not meta); its signature varies across versions
+            rotary = type(self.rotary(model))(config=model.config)
+        model.model.rotary_emb = rotary.to(device)
 
 
 class LlamaAdapter(FamilyAdapter):

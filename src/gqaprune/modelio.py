@@ -39,7 +39,7 @@ from .adapters import get_adapter
 from .artifacts import atomic_dir, write_json
 from .errors import InputError, NonFiniteError
 from .hub import hub_reachable
-from .torchutil import layer_of
+from .torchutil import all_finite, layer_of
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def resolve_weights(folder: str | Path) -> Path:
 def _tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     """sha256 of a tensor's name, shape and values rounded to bfloat16; refuses non-finite values."""
     t = tensor.detach()
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not bool(all_finite(t)):
         raise NonFiniteError(f"non-finite weight {name}{layer_of(name)}: it holds NaN or infinity; the model is "
                              "corrupt: re-create or re-download it")
     if t.is_floating_point():
@@ -298,8 +298,13 @@ def fingerprint_files(folder: str | Path, config, threads: int | None = None) ->
         with safe_open(str(file), "pt") as f:
             return name, _tensor_digest(name, f.get_tensor(name))
 
-    with ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
-        return _combine(config, pool.map(digest, items))
+    intra = torch.get_num_threads()
+    torch.set_num_threads(1)  # one tensor per thread: torch's own pool would oversubscribe the cores
+    try:
+        with ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
+            return _combine(config, pool.map(digest, items))
+    finally:
+        torch.set_num_threads(intra)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -314,18 +319,24 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", trust_remote_code
                    device: str | torch.device | None = None):
     """Load just the model from a local folder (or a reference to one) or a hub id.
 
-    With a CUDA ``device`` the weights are read memory-mapped straight onto it (no CPU copy of the
-    model). Pruned checkpoints written by this package (``gqaprune_layers`` in their config) are built
-    with the package's own copy of their modeling code, so they need no ``trust_remote_code``.
+    A local safetensors checkpoint is built on the meta device and its tensors are read memory-mapped
+    straight onto ``device`` (:func:`load_safetensors_model`): no CPU copy of the model, no
+    initialisation of weights that are overwritten anyway. Pruned checkpoints written by this package
+    (``gqaprune_layers`` in their config) are built with the package's own copy of their modeling
+    code, so they need no ``trust_remote_code``. Other sources go through ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM
 
-    weights = resolve_weights(source) if Path(source).is_dir() else source
+    local = Path(source).is_dir()
+    weights = resolve_weights(source) if local else source
     config = load_config(source, trust_remote_code)
     adapter = get_adapter(config)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if local and not trust_remote_code and safetensors_files(Path(weights)):
+        return load_safetensors_model(config, Path(weights), dtype, target, generation_dir=Path(source))
     kwargs = {"dtype": torch_dtype(dtype)}
-    if device is not None and torch.device(device).type == "cuda":
-        kwargs["device_map"] = {"": torch.device(device)}
+    if target.type == "cuda":
+        kwargs["device_map"] = {"": target}
     if getattr(config, "gqaprune_layers", None):
         from .hf_code import modeling_gqaprune
 
@@ -334,9 +345,44 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", trust_remote_code
     else:
         model = AutoModelForCausalLM.from_pretrained(weights, config=config, trust_remote_code=trust_remote_code,
                                                      **kwargs)
-    if device is not None:
-        model = model.to(torch.device(device))
-    return model
+    return model.to(target)
+
+
+def load_safetensors_model(config, folder: Path, dtype: str, device: torch.device,
+                           generation_dir: Path | None = None) -> nn.Module:
+    """Build the architecture on the meta device and assign the checkpoint's tensors, read onto ``device``.
+
+    Tensors are cast to ``dtype`` one at a time; tied weights are re-tied and the rotary embedding
+    (whose buffers are not in checkpoints) is rebuilt on ``device`` through the adapter. Refuses a
+    checkpoint that lacks a parameter of the architecture.
+    """
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    want = torch_dtype(dtype)
+    model = meta_model(config)
+    expected = set(dict(model.named_parameters()))  # tied weights under their first name only
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(folder):
+        for name, tensor in load_file(str(file), device=str(device)).items():
+            if name in expected:
+                state[name] = tensor.to(want) if tensor.is_floating_point() else tensor
+    missing = sorted(expected - set(state))
+    if missing:
+        raise InputError(f"the weight files of {folder} lack {len(missing)} parameters of the model "
+                         f"(e.g. {missing[0]}); the checkpoint is incomplete")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    adapter = get_adapter(config)
+    adapter.reset_rotary(model, device)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise InputError(f"{folder}: tensors {left[:3]} were not loaded (not in the checkpoint)")
+    config.dtype = want
+    source = generation_dir or folder
+    if (source / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model.eval()
 
 
 def load_model(source: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):

@@ -133,6 +133,12 @@ def stage_main(name: str, run: Callable) -> None:
         set_: list[str] = typer.Option([], "--set", "-S", help="Override one value, e.g. -S plan.ratio=0.3."),
         debug: bool = typer.Option(False, "--debug", help="Print the traceback of a failure."),
     ) -> None:
-        raise typer.Exit(execute(name, run, params, set_, debug))
+        code = execute(name, run, params, set_, debug)
+        # Every output is written, closed and renamed by now, and the logs are closed. Tearing down
+        # the interpreter (torch, CUDA, tokenizers' thread pools) took ~10 s per stage process on the
+        # GPU machine (benchmarks/GPU_STAGES.md), so the stage process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     app(prog_name=f"stages/{name}.py")

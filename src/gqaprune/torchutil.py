@@ -70,6 +70,18 @@ def watch_activations(model: nn.Module, checks: list) -> Iterator[None]:
             h.remove()
 
 
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every element of ``t`` is finite (no host sync on an accelerator).
+
+    On a CPU ``torch.isfinite(t).all()`` is ~50x slower than a float32 sum, which is non-finite
+    whenever an element is NaN or infinite; the exact test runs only when the sum is not finite.
+    """
+    if t.device.type != "cpu":
+        return torch.isfinite(t).all()
+    total = t.sum(dtype=torch.float32)
+    return torch.isfinite(total) if bool(torch.isfinite(total)) else torch.isfinite(t).all()
+
+
 def check_finite_weights(model: nn.Module) -> None:
     """Raise NonFiniteError naming the first parameter (and so its layer) holding NaN or infinity."""
     from .errors import NonFiniteError
@@ -78,7 +90,7 @@ def check_finite_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard (FSDP2) checks its own rows
         names.append(name)
-        flags.append(torch.isfinite(local.detach()).all())
+        flags.append(all_finite(local.detach()))
     flags = torch.stack([f.to(flags[0].device) for f in flags])  # one host sync for all of them
     if not bool(flags.all()):
         name = names[int((~flags).nonzero()[0, 0])]

@@ -35,11 +35,13 @@ def run(params: Params, out: StageOutputs) -> None:
     analysis = read_json(PLAN_DIR / "pruning_analysis.json")
     tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
     device = resolve_device(e.device)
-    pruned = load_causal_lm(PRUNED_DIR, dtype=e.dtype, device=device).eval()
+    with timer.phase("load"):
+        pruned = load_causal_lm(PRUNED_DIR, dtype=e.dtype, device=device).eval()
     _check_belongs(pruned, dense, analysis, e)
     measure = lambda model: perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size,  # noqa: E731
                                          e.max_tokens, CORPORA_DIR)
-    results = {"dense": dense["ppl"], "pruned": measure(pruned)}
+    with timer.phase("evaluate"):
+        results = {"dense": dense["ppl"], "pruned": measure(pruned)}
     status = read_json(FINETUNE_DIR / "status.json")
     if status.get("enabled"):
         merged = FINETUNE_DIR / "merged"
@@ -49,7 +51,8 @@ def run(params: Params, out: StageOutputs) -> None:
             from peft import PeftModel
 
             tuned = PeftModel.from_pretrained(pruned, FINETUNE_DIR / "adapter").eval()
-        results["finetuned"] = measure(tuned)
+        with timer.phase("evaluate"):
+            results["finetuned"] = measure(tuned)
     adapter = get_adapter(pruned.config)
     params_after = parameter_counts(pruned, adapter, adapter.geometry(pruned.config)).total
     stage_metrics(out, "evaluate", timer, {

@@ -21,8 +21,10 @@ def run(params: Params, out: StageOutputs) -> None:
 
     timer = Timer()
     e = params.evaluate
-    model, fp, _ = load_dense(e.dtype, e.device)
-    result = perplexities(model, AutoTokenizer.from_pretrained(MODEL_DIR), e.datasets, e.seq_len, e.batch_size,
-                          e.max_tokens, CORPORA_DIR)
+    with timer.phase("load"):
+        model, fp, _ = load_dense(e.dtype, e.device)
+        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    with timer.phase("evaluate"):
+        result = perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size, e.max_tokens, CORPORA_DIR)
     write_json(out(DENSE_PPL), {"fingerprint": fp, "seq_len": e.seq_len, "dtype": e.dtype, "ppl": result})
     stage_metrics(out, "evaluate_dense", timer)

@@ -69,7 +69,8 @@ def run(params: Params, out: StageOutputs) -> None:
     names = [params.calibrate.dataset, *params.evaluate.datasets]
     if params.finetune.enabled:
         names.append(params.finetune.dataset)
-    written = snapshot_corpora(sorted(set(names)), out(CORPORA_DIR), mirror)
+    with timer.phase("corpora"):
+        written = snapshot_corpora(sorted(set(names)), out(CORPORA_DIR), mirror)
 
     model_dir = out(MODEL_DIR)
     if kind == "embedded":
@@ -84,7 +85,8 @@ def run(params: Params, out: StageOutputs) -> None:
     reference = (source is not None and headers and not p.copy_local
                  and stored_dtypes(headers) == {_ST_DTYPE[p.dtype]})
     if reference:
-        fp = fingerprint_files(source, config)
+        with timer.phase("fingerprint"):
+            fp = fingerprint_files(source, config)
         log.info("referencing %s (safetensors already in %s; not copied)", source, p.dtype)
         write_reference(source, model_dir, fp)
     else:
@@ -94,7 +96,8 @@ def run(params: Params, out: StageOutputs) -> None:
             save_model(model, model_dir)
             tokenizer.save_pretrained(model_dir)
             del model
-        fp = fingerprint_files(model_dir, config)
+        with timer.phase("fingerprint"):
+            fp = fingerprint_files(model_dir, config)
     write_json(model_dir / MODEL_RECORD, {"fingerprint": fp})
 
     adapter = get_adapter(config)

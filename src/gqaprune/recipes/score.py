@@ -16,10 +16,12 @@ def run(params: Params, out: StageOutputs) -> None:
     """Score the dense model on the calibration samples; the table records model and params."""
     timer = Timer()
     s = params.score
-    model, fp, meta = load_dense(s.dtype, s.device)
-    samples, cal_meta = load_calibration(fp)
-    table = score_groups(model, samples, metrics=s.metrics, gradient_batch_size=s.gradient_batch_size,
-                         gradient_checkpointing=s.gradient_checkpointing)
+    with timer.phase("load"):
+        model, fp, meta = load_dense(s.dtype, s.device)
+        samples, cal_meta = load_calibration(fp)
+    with timer.phase("score"):
+        table = score_groups(model, samples, metrics=s.metrics, gradient_batch_size=s.gradient_batch_size,
+                             gradient_checkpointing=s.gradient_checkpointing)
     provenance = {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta,
                   "param_counts": meta["params"], "num_layers": meta["geometry"]["num_layers"]}
     write_table(out(SCORES), table, provenance)

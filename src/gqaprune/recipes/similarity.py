@@ -17,9 +17,13 @@ def run(params: Params, out: StageOutputs) -> None:
     """Forward passes of the dense model over the calibration samples."""
     timer = Timer()
     s = params.similarity
-    model, fp, _ = load_dense(s.dtype, s.device)
-    samples, cal_meta = load_calibration(fp)
-    table = block_similarity(model, samples, batch_size=s.batch_size)
-    write_table(out(SIMILARITY), table, {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta})
-    plot_importance(table, out)
+    with timer.phase("load"):
+        model, fp, _ = load_dense(s.dtype, s.device)
+        samples, cal_meta = load_calibration(fp)
+    with timer.phase("similarity"):
+        table = block_similarity(model, samples, batch_size=s.batch_size)
+    with timer.phase("write"):
+        write_table(out(SIMILARITY), table, {"fingerprint": fp, "params": dataclasses.asdict(s),
+                                             "calibration": cal_meta})
+        plot_importance(table, out)
     stage_metrics(out, "similarity", timer)

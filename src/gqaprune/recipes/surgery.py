@@ -26,7 +26,8 @@ def run(params: Params, out: StageOutputs) -> None:
     timer = Timer()
     s = params.surgery
     doc = read_json(PLAN_DIR / "plan.json")
-    model, fp, meta = load_dense(s.dtype, s.device)
+    with timer.phase("load"):
+        model, fp, meta = load_dense(s.dtype, s.device)
     if doc.get("fingerprint") != fp:
         raise ArtifactMismatchError(f"plan {PLAN_DIR / 'plan.json'} was made for model {doc.get('fingerprint')}, "
                                     f"not for {MODEL_DIR} ({fp}); re-run score and plan")
@@ -34,16 +35,19 @@ def run(params: Params, out: StageOutputs) -> None:
     replacements = {}
     if s.compensation != "none":
         samples, _ = load_calibration(fp)
-        replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size)
+        with timer.phase("compensation"):
+            replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size)
         log.info("compensation %s: refitted %d output projections", s.compensation, len(replacements))
-    report = prune_model(model, keep, replacements)
+    with timer.phase("slice"):
+        report = prune_model(model, keep, replacements)
     adapter = get_adapter(model.config)
     counts = parameter_counts(model, adapter, adapter.geometry(model.config))
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     info = {"source_fingerprint": fp, "plan": doc["params"], "surgery": dataclasses.asdict(s),
             "removed_layers": report.removed_layers,
             "params_before": meta["params"]["total"], "params_after": counts.total}
-    save_pruned(model, tokenizer, out(PRUNED_DIR), info)
+    with timer.phase("save"):
+        save_pruned(model, tokenizer, out(PRUNED_DIR), info)
     log.info("pruned model: %s parameters, %d layers (removed %s), standard config: %s",
              f"{counts.total:,}", len(report.kept_layers), report.removed_layers, report.uniform)
     stage_metrics(out, "surgery", timer, {"params_after": counts.total, "layers_after": len(report.kept_layers)})
