@@ -139,6 +139,11 @@ def model_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
             yield name, b
 
 
+def architecture(model: nn.Module) -> str:
+    """The model's class name as transformers records it (FSDP2 subclasses it as ``FSDP<Class>``)."""
+    return next(c.__name__ for c in type(model).__mro__ if not c.__module__.startswith("torch."))
+
+
 def save_model(model: nn.Module, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
                tensors: Iterable[tuple[str, torch.Tensor]] | None = None, config=None) -> None:
     """Save ``model``'s config, generation config and weights (streamed) into ``out_dir`` (must be fresh).
@@ -150,7 +155,7 @@ def save_model(model: nn.Module, out_dir: str | Path, max_shard_bytes: int = 5 <
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config if config is None else config
-    config.architectures = [type(model).__name__]  # as save_pretrained records them
+    config.architectures = [architecture(model)]  # as save_pretrained records them
     config.dtype = next(model.parameters()).dtype
     config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None and model.can_generate():

@@ -337,15 +337,16 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, info: Mapping 
     if info is not None:
         config.gqaprune_info = json.loads(json.dumps(dict(info), sort_keys=True))
     tensors = pruned_tensors(model, layout_, keep, replacements, ctx)
-    if not ctx.is_main:
+    if ctx.is_main:
+        with atomic_dir(out_dir) as tmp:
+            save_model(_base(model), tmp, max_shard_bytes, tensors=tensors, config=config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if getattr(config, "gqaprune_layers", None):
+                for file in REMOTE_CODE_FILES:
+                    (tmp / file.name).write_bytes(file.read_bytes())
+    else:
         for _ in tensors:  # take part in every gather
             pass
-        return Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        save_model(_base(model), tmp, max_shard_bytes, tensors=tensors, config=config)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(config, "gqaprune_layers", None):
-            for file in REMOTE_CODE_FILES:
-                (tmp / file.name).write_bytes(file.read_bytes())
+    ctx.barrier()  # on return the checkpoint is in place for every rank
     return Path(out_dir)
