@@ -801,7 +801,7 @@ def hook_bench(bench: Bench, model, layer_index: int = 0) -> dict:
     adapter = get_adapter(model.config)
     geo = adapter.geometry(model.config)
     shape = layer_shapes(model, adapter, geo)[layer_index]
-    members = imp._members(adapter.layers(model)[layer_index], adapter, shape.attn_groups, shape.mlp_channels)
+    members = imp._members(adapter.layers(model)[layer_index], adapter, shape)
     items = [(p.detach(), torch.randn_like(p) * 1e-3, red) for _, p, _, red in members]
     n_elem = sum(p.numel() for p, _, _ in items)
 

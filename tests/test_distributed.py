@@ -409,3 +409,25 @@ def test_a_failing_rank_ends_the_stage_with_one_line(tmp_path):
     assert ended_after < 60
     assert not (tmp_path / "artifacts/scores").exists() and not list(tmp_path.rglob("*.staged*"))
     assert "deliberate failure" in (tmp_path / "artifacts/logs/score.rank1.log").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_dry_run_on_cpu(tmp_path):
+    """benchmarks/dist_bench.py: a random checkpoint written tensor by tensor, every section on 2 gloo ranks."""
+    bench = str(REPO / "benchmarks" / "dist_bench.py")
+    done = _run([sys.executable, bench, "make", "--preset", "tiny-qwen2-gqa7", "--out", str(tmp_path / "model"),
+                 "--dtype", "float32", "--shard-gib", "0.00003"], deadline=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "model").glob("*.safetensors"))) > 1
+    out = tmp_path / "bench.json"
+    done = _run([sys.executable, bench, "run", "--model", str(tmp_path / "model"), "--device", "cpu", "--dtype",
+                 "float32", "--nproc", "2", "--placement", "shard", "--samples", "6", "--seq", "16",
+                 "--gradient-batch-size", "2", "--batch-size", "2", "--eval-windows", "6", "--eval-seq", "16",
+                 "--pruned-out", str(tmp_path / "pruned"), "--timeout", "120", "--json", str(out)], deadline=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["placement"] == "shard"
+    for section in ("load", "floor", "score", "similarity", "surgery", "evaluate"):
+        assert section in result, section
+    assert len(result["load"]["memory"]) == 2 and result["surgery"]["refits"] > 0
+    assert (tmp_path / "pruned" / "config.json").exists()
