@@ -52,6 +52,16 @@ METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd", "fluctuation")
 CASES = [(p, pl) for p in TINY_PRESETS for pl in ("replicate", "shard")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread here, as each rank has: tiny models gain nothing from more, and on a busy 2-core
+    runner OpenMP threads waiting for each other make them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure helpers (no processes)
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +257,6 @@ def reference(models, data_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(models / "tokenizer")
-    torch.set_num_threads(1)
     return {preset: W.computations(None, models / "single", tok, data_dir, preset, models / "dense" / preset,
                                    "replicate") for preset in TINY_PRESETS}
 
