@@ -172,6 +172,11 @@ def report_error(exc: BaseException, stage: str | None, debug: bool) -> int:
     rank = _rank()
     line = error_line(exc, log_path(stage, rank) if stage else None, debug)
     if under_launcher():
+        if stage and not _error_record(stage, rank).exists():  # failed before its log was set up (joining)
+            LOG_DIR.mkdir(parents=True, exist_ok=True)
+            with open(log_path(stage, rank), "a") as f:
+                traceback.print_exception(exc, file=f)
+            _record_failure(stage, rank, exc, log_path(stage, rank))
         return code
     if launched() and _secondary(exc):
         if rank == 0:
