@@ -22,9 +22,10 @@ parameter gradients: what scoring would cost with autograd's weight gradients), 
 metrics through the taps), ``similarity``, ``surgery`` (a ``--ratio`` plan from the Taylor scores,
 ``--compensation`` refits by their owner ranks, the checkpoint written layer by layer), ``evaluate``
 (windows of ``--eval-seq`` tokens). ``--baseline`` first runs the same benchmark on one process and
-puts both runs and their ratios in the JSON; ``--reference-importance FILE`` (one process) also times
-another ``importance.py`` (e.g. ``git show a2deeca:src/gqaprune/importance.py``, the gradient-hook
-scorer the taps replaced) on the same model and samples, and compares its scores.
+puts both runs, their ratios and the largest relative difference of every score in the JSON;
+``--reference-importance FILE`` (one process) also times another ``importance.py`` (e.g.
+``git show a2deeca:src/gqaprune/importance.py``, the gradient-hook scorer the taps replaced) on the same
+model and samples, and compares its scores.
 
 CPU dry run (a tiny random checkpoint, 2 gloo ranks)::
 
@@ -39,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +190,8 @@ def bench(args, ctx) -> dict:
         _reset_peaks(device)
         table, t = _timed(ctx, device, score)
         result["score"] = {"seconds": t, "tok_s": tokens / t, "groups": len(table), "memory": _memory(ctx, device)}
+        if args.scores_out and ctx.is_main:
+            table.to_parquet(args.scores_out)
         if "floor" in result:
             result["score"]["x_fwd_bwd_floor"] = t / result["floor"]["fwd_bwd_s"]
         if args.reference_importance and not ctx.is_distributed:
@@ -252,14 +256,14 @@ def run(args, argv: list[str]) -> int:
     from gqaprune.distributed import launch, launched, process_group
     from gqaprune.params import DistributedParams
 
-    baseline = None
+    baseline = tmp = None
     if args.baseline and not launched() and args.nproc > 1:
-        with tempfile.TemporaryDirectory() as tmp:
-            base_json = Path(tmp) / "baseline.json"
-            cmd = [sys.executable, __file__, "run", *_without(argv, "--baseline"), "--nproc", "1", "--placement",
-                   "replicate", "--json", str(base_json)]
-            subprocess.run(cmd, check=True)
-            baseline = json.loads(base_json.read_text())
+        tmp = Path(tempfile.mkdtemp(prefix="dist-bench-"))
+        cmd = [sys.executable, __file__, "run", *_without(argv, "--baseline"), "--nproc", "1", "--placement",
+               "replicate", "--json", str(tmp / "baseline.json"), "--scores-out", str(tmp / "one.parquet")]
+        subprocess.run(cmd, check=True)
+        baseline = json.loads((tmp / "baseline.json").read_text())
+        argv = [*argv, "--scores-out", str(tmp / "ranks.parquet")]
     code = launch(DistributedParams(nproc_per_node=args.nproc, timeout_s=args.timeout), [__file__, "run", *argv])
     if code is None:  # this process is a rank (or the only process)
         if "OMP_NUM_THREADS" in os.environ:
@@ -271,8 +275,24 @@ def run(args, argv: list[str]) -> int:
         return 0
     if code == 0 and baseline is not None and args.json:
         result = json.loads(Path(args.json).read_text())
-        _write(args.json, {**result, "baseline_one_process": baseline, "speedup": _speedups(baseline, result)})
+        result.update(baseline_one_process=baseline, speedup=_speedups(baseline, result),
+                      scores_max_rel_diff_to_one_process=_score_diffs(tmp / "one.parquet", tmp / "ranks.parquet"))
+        _write(args.json, result)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     return code
+
+
+def _score_diffs(one: Path, many: Path) -> dict | None:
+    """Largest relative difference per metric between the one-process and the N-rank score tables."""
+    if not (one.is_file() and many.is_file()):
+        return None
+    import numpy as np
+    import pandas as pd
+
+    a, b = pd.read_parquet(one), pd.read_parquet(many)
+    metrics = [m for m in a.columns if m not in ("layer", "kind", "index", "cost")]
+    return {m: float(np.max(np.abs(a[m] - b[m]) / np.maximum(np.abs(a[m]), 1e-30))) for m in metrics}
 
 
 def _without(argv: list[str], flag: str) -> list[str]:
@@ -364,6 +384,7 @@ def main(argv=None) -> int:
     r.add_argument("--json")
     r.add_argument("--baseline", action="store_true", help="also run on one process first; both in the JSON")
     r.add_argument("--reference-importance", help="another importance.py to time next to the taps (one process)")
+    r.add_argument("--scores-out", help="write the score table here (Parquet); --baseline compares the two runs'")
     mem = sub.add_parser("memory", help="peak CPU RSS per rank of each loading placement (CPU ranks)")
     mem.add_argument("--model", required=True)
     mem.add_argument("--dtype", default="float32")
