@@ -10,8 +10,8 @@ the in-stage time and peak GPU memory from ``metrics/<stage>.json``, and the sta
         --out benchmarks/results/gpu_stages.json
 
 ``--preset tiny-llama-gqa4 --device cpu --ratio 0.01`` runs the same sequence on a CPU in a minute (a dry run of the
-script itself). Each preset's folder is deleted after its run (an 8B model and its pruned copy take
-~27 GB of disk).
+script itself). ``--nproc N`` (and ``--placement``) runs the model stages on N ranks (``distributed`` params).
+Each preset's folder is deleted after its run (an 8B model and its pruned copy take ~27 GB of disk).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def bench_preset(preset: str, args, env: dict) -> dict:
     model = make_model(preset, args.tokenizer, work / "model", args.device)
     print(json.dumps({"preset": preset, "model": model}), flush=True)
     params = gpu_params(work / "model", args.data_dir.resolve(), args.device, args.finetune_steps, args.ratio)
+    params["distributed"] = {"nproc_per_node": args.nproc, "placement": args.placement}  # model stages on N ranks
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
     rows = [run_stage(stage, project, env) for stage in ORDER]
@@ -134,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--finetune-steps", type=int, default=0, help="0: finetune disabled (records only)")
     ap.add_argument("--ratio", type=float, default=0.2, help="plan.ratio (a tiny model with a 49k vocabulary: 0.01)")
+    ap.add_argument("--nproc", type=int, default=1, help="distributed.nproc_per_node: the model stages on N GPUs")
+    ap.add_argument("--placement", default="auto", help="distributed.placement: auto | replicate | shard")
     ap.add_argument("--keep", action="store_true", help="keep each preset's folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)

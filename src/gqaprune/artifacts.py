@@ -81,9 +81,13 @@ class StageOutputs:
     were, so the outputs never disagree with each other.
     """
 
-    def __init__(self, outputs: Sequence[str | Path]):
+    def __init__(self, outputs: Sequence[str | Path], scratch: Path | None = None):
         self.outputs = [Path(p) for p in outputs]
-        self.staged = {p: p.with_name(f".{p.name}.staged{os.getpid()}") for p in self.outputs}
+        self.scratch = scratch
+        if scratch is None:
+            self.staged = {p: p.with_name(f".{p.name}.staged{os.getpid()}") for p in self.outputs}
+        else:  # a rank that does not write: a private folder, dropped at the end
+            self.staged = {p: scratch / f"{n}_{p.name}" for n, p in enumerate(self.outputs)}
         for tmp in self.staged.values():
             remove_path(tmp)
 
@@ -99,6 +103,9 @@ class StageOutputs:
 
     def commit(self) -> None:
         """Replace every output by its staged version (all outputs must have been written)."""
+        if self.scratch is not None:
+            self.abort()
+            return
         missing = [str(p) for p, tmp in self.staged.items() if not tmp.exists()]
         if missing:
             raise RuntimeError(f"the stage did not write its outputs {missing}")
@@ -110,12 +117,20 @@ class StageOutputs:
         """Drop the staged outputs; the previous outputs stay as they were."""
         for tmp in self.staged.values():
             remove_path(tmp)
+        if self.scratch is not None:
+            remove_path(self.scratch)
 
 
 @contextmanager
-def stage_outputs(outputs: Sequence[str | Path]) -> Iterator[StageOutputs]:
-    """Stage ``outputs`` for the block; commit them together on success, drop them on any failure."""
-    staged = StageOutputs(outputs)
+def stage_outputs(outputs: Sequence[str | Path], commit: bool = True) -> Iterator[StageOutputs]:
+    """Stage ``outputs`` for the block; commit them together on success, drop them on any failure.
+
+    ``commit=False`` (a rank other than the main one): whatever the block writes goes to a private
+    temporary folder, removed afterwards; the outputs are left alone.
+    """
+    import tempfile
+
+    staged = StageOutputs(outputs, None if commit else Path(tempfile.mkdtemp(prefix="gqaprune-rank-")))
     try:
         yield staged
     except BaseException:

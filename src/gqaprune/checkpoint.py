@@ -3,8 +3,9 @@
 ``save_pretrained`` gathers a whole shard's bytes on the host before writing, so an 8B model saved from
 a GPU costs a full host copy first. :class:`CheckpointWriter` writes each tensor as it comes: the next
 tensor's device-to-host copy overlaps the disk write of the current one, and at most one tensor (plus
-the one in flight) is on the host. The same writer serves the multi-process path, where the main rank
-gathers one decoder layer at a time from sharded weights (:mod:`gqaprune.distributed`).
+the one in flight) is on the host. The same writer serves the pruned checkpoint, which
+:func:`gqaprune.surgery.save_pruned` builds one decoder layer at a time (on N ranks: gathered from
+sharded weights on the main rank, :mod:`gqaprune.placement`).
 
 The files are the standard layout: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with
 ``model.safetensors.index.json`` when the weights exceed ``max_shard_bytes``. The bytes are a function
@@ -138,16 +139,28 @@ def model_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
             yield name, b
 
 
-def save_model(model: nn.Module, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> None:
-    """Save ``model``'s config, generation config and weights (streamed) into ``out_dir`` (must be fresh)."""
+def architecture(model: nn.Module) -> str:
+    """The model's class name as transformers records it (FSDP2 subclasses it as ``FSDP<Class>``)."""
+    return next(c.__name__ for c in type(model).__mro__ if not c.__module__.startswith("torch."))
+
+
+def save_model(model: nn.Module, out_dir: str | Path, max_shard_bytes: int = 5 << 30,
+               tensors: Iterable[tuple[str, torch.Tensor]] | None = None, config=None) -> None:
+    """Save ``model``'s config, generation config and weights (streamed) into ``out_dir`` (must be fresh).
+
+    ``tensors`` ((name, tensor) pairs in order; default :func:`model_tensors` of ``model``) and ``config``
+    (default ``model.config``) let a caller stream other weights under ``model``'s architecture and
+    dtype: the pruned checkpoint built one decoder layer at a time (:func:`gqaprune.surgery.save_pruned`).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.architectures = [type(model).__name__]  # as save_pretrained records them
-    model.config.dtype = next(model.parameters()).dtype
-    model.config.save_pretrained(out_dir)
+    config = model.config if config is None else config
+    config.architectures = [architecture(model)]  # as save_pretrained records them
+    config.dtype = next(model.parameters()).dtype
+    config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     writer = CheckpointWriter(out_dir, max_shard_bytes)
-    for name, tensor in model_tensors(model):
+    for name, tensor in model_tensors(model) if tensors is None else tensors:
         writer.add(name, tensor)
     writer.close()

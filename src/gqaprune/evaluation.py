@@ -32,7 +32,10 @@ from tqdm.auto import tqdm
 
 from gqaprune import data
 
-__all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "perplexity"]
+from .distributed import DistContext, single_process
+from .placement import is_sharded, no_grad_mode
+
+__all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "perplexities", "perplexity", "window_nlls"]
 
 # (tokenizer fingerprint, dataset, split, data dir) -> token ids [n_tokens] (torch.long, CPU)
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
@@ -101,6 +104,7 @@ def perplexity(
     max_tokens: int | None = None,
     device: str | torch.device | None = None,
     data_dir: str | os.PathLike | None = None,
+    ctx: DistContext | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a corpus' evaluation split (protocol: module docstring).
 
@@ -116,6 +120,8 @@ def perplexity(
         device: where input ids are sent; default the device of the model's input embeddings. The
             model itself is not moved.
         data_dir: local mirror directory (else ``$GQAPRUNE_DATA_DIR``, else the hub).
+        ctx: default one process; on N ranks (replicated or FSDP2-sharded model) the windows are
+            split over the ranks and every rank returns the same result.
 
     Returns:
         :class:`PerplexityResult`.
@@ -127,7 +133,9 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     split = data.EVALUATION_SPLIT[dataset]
-    ids = _eval_token_ids(tokenizer, dataset, split, data_dir)  # [n_tokens_total]
+    ctx = ctx or single_process()
+    with ctx.main_first():  # the main rank fills a download cache first
+        ids = _eval_token_ids(tokenizer, dataset, split, data_dir)  # [n_tokens_total]
 
     n_full = ids.numel() // seq_len  # full windows; the partial tail is dropped
     if n_full == 0:
@@ -138,20 +146,7 @@ def perplexity(
             raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
         n_windows = min(n_full, max_tokens // seq_len)
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [n_windows, seq_len]
-
-    device = _input_device(model) if device is None else torch.device(device)
-    window_nll = torch.zeros(n_windows, dtype=torch.float64, device=device)  # summed NLL per window, nats
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=n_windows, desc=f"ppl {dataset}", unit="win") as bar:
-            for start in range(0, n_windows, batch_size):
-                batch = windows[start : start + batch_size].to(device, non_blocking=True)  # [b, seq_len]
-                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
-                window_nll[start : start + batch.shape[0]] = _window_nll(logits, batch.to(logits.device))
-                bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
+    window_nll = window_nlls(model, windows, batch_size, device, ctx, desc=f"ppl {dataset}")
 
     per_window = (window_nll / (seq_len - 1)).cpu()  # mean NLL per window; the only host sync
     mean = float(per_window.mean())
@@ -166,6 +161,34 @@ def perplexity(
         capped=n_windows < n_full,
         log_ppl_se=se,
     )
+
+
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
+                ctx: DistContext | None = None, desc: str = "ppl", progress: bool = True) -> torch.Tensor:
+    """Summed next-token NLL (float64, nats) of each window ``[n, seq_len] -> [n]``, on the input device.
+
+    Windows go through the model in batches of ``batch_size`` in eval mode (the training flag is
+    restored); ``ctx``: on N ranks each rank runs a contiguous share of the batches (in lock-step when
+    the model is sharded) and every rank returns all the windows' values.
+    """
+    ctx = ctx or single_process()
+    device = _input_device(model) if device is None else torch.device(device)
+    n = windows.shape[0]
+    out = torch.zeros(n, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad_mode(ctx), tqdm(total=n, desc=desc, unit="win", disable=not (progress and ctx.is_main)) as bar:
+            for rows, active in ctx.batches(n, batch_size, lockstep=is_sharded(model)):
+                batch = windows[rows].to(device, non_blocking=True)  # [b, seq_len]
+                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
+                if active:
+                    out[rows] = _window_nll(logits, batch.to(logits.device))
+                    bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    ctx.all_reduce_(out)  # disjoint shares: the sum is every window's value
+    return out
 
 
 def _window_nll(logits: torch.Tensor, ids: torch.Tensor, max_bytes: int = 1 << 30) -> torch.Tensor:
@@ -227,15 +250,17 @@ class PPLMetric(dict):
 
 
 def perplexities(model, tokenizer, datasets: Sequence[str], seq_len: int = 128, batch_size: int = 8,
-                 max_tokens: int | None = None, data_dir: str | os.PathLike | None = None) -> dict[str, dict]:
-    """``{dataset: {"ppl", "tokens", "capped", "split"}}`` for each corpus, ppl rounded to 4 decimals."""
+                 max_tokens: int | None = None, data_dir: str | os.PathLike | None = None,
+                 ctx: DistContext | None = None) -> dict[str, dict]:
+    """``{dataset: {"ppl", "tokens", "capped", "split"}}`` for each corpus, ppl rounded to 4 decimals
+    (``ctx``: on N ranks, as :func:`perplexity`)."""
     import logging
 
     log = logging.getLogger("gqaprune")
     out = {}
     for name in datasets:
         r = perplexity(model, tokenizer, dataset=name, seq_len=seq_len, batch_size=batch_size,
-                       max_tokens=max_tokens, data_dir=data_dir)
+                       max_tokens=max_tokens, data_dir=data_dir, ctx=ctx)
         out[name] = {"ppl": round(r.ppl, 4), "tokens": r.n_tokens, "capped": r.capped, "split": r.split}
         log.info("%s/%s: ppl %.3f over %d tokens%s", name, r.split, r.ppl, r.n_tokens, " (capped)" if r.capped else "")
     return out

@@ -47,10 +47,15 @@ linearly warmed up over ``warmup_steps`` optimizer steps and then decayed linear
 last step, batches drawn from a seeded permutation of the examples each epoch. The loss of an
 optimizer step is the mean cross-entropy over all supervised tokens of its ``grad_accum``
 micro-batches (so accumulation does not change the objective).
+
+Several processes (``ctx`` of :func:`finetune_lora`): each micro-batch's examples are split over the
+ranks (DDP over replicas, or an FSDP2-sharded base with replicated LoRA matrices); the objective and
+the updates are those of one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,7 +69,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_dir, write_json
+from .distributed import DistContext, single_process
 from .params import DEFAULT_TARGET_MODULES, FinetuneConfig
+from .placement import is_sharded
 from .torchutil import activation_checkpointing
 
 log_ = logging.getLogger(__name__)
@@ -257,8 +264,23 @@ def _existing_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return found
 
 
+def _step_plan(micro: Sequence[Sequence[int]], ctx: DistContext) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches of an optimizer step: its contiguous share of each of the step's micro-batches.
+
+    Every rank runs as many micro-batches as the step has (DDP syncs on the last backward, FSDP gathers
+    each layer on every rank's forward); a share left empty (fewer examples than ranks) runs the
+    micro-batch's first example as an inactive repeat, with zero loss weight. One process: the step's
+    micro-batches themselves.
+    """
+    plan = []
+    for ids in micro:
+        share = [ids[i] for i in ctx.shard(len(ids))]
+        plan.append((share, True) if share else ([ids[0]], False))
+    return plan
+
+
 def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, str]], config: FinetuneConfig,
-                  log: Callable[[int, float, float], None] | None = None):
+                  log: Callable[[int, float, float], None] | None = None, ctx: DistContext | None = None):
     """LoRA-tune ``model`` on instruction ``records``; returns the peft model, in eval mode.
 
     ``model`` is wrapped in place by peft's ``get_peft_model`` (task ``CAUSAL_LM``): LoRA layers are
@@ -270,6 +292,13 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     step's mean token loss and the learning rate it used. A tqdm bar shows progress. The global
     torch RNG is seeded with ``config.seed`` (LoRA initialisation, dropout).
 
+    ``ctx`` (default: one process): on N ranks every rank calls this with its replica (wrapped in
+    ``DistributedDataParallel``) or FSDP2 shard of the model (the frozen base stays sharded, the LoRA
+    matrices are replicated and their gradients added up by hand); each micro-batch's examples are
+    split over the ranks and the loss is still normalised by the supervised tokens of the whole step,
+    so every rank applies the same update and ``log`` gets the same loss as one process (with
+    ``dropout`` 0: each rank draws its own dropout masks).
+
     Raises:
         ValueError: bad config (``finetune.<key>``), no usable record, no EOS token, or no target module
             present in the model.
@@ -277,6 +306,7 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     from peft import LoraConfig, TaskType, get_peft_model
 
     config.validate()
+    ctx = ctx or single_process()
     records = list(records)[: config.n_records] if config.n_records is not None else list(records)
     examples = encode_records(tokenizer, records, config.max_length)
     if not examples:
@@ -290,7 +320,8 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     if missing:
         log_.warning("finetune.target_modules %s are not in the model; LoRA goes to %s", missing, targets)
 
-    torch.manual_seed(config.seed)
+    sharded = is_sharded(model)
+    torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.r, lora_alpha=config.alpha,
                       lora_dropout=config.dropout, target_modules=list(targets), bias="none")
     with warnings.catch_warnings():  # peft probes the deprecated `is_gradient_checkpointing` property
@@ -298,6 +329,13 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
         peft_model = get_peft_model(model, lora)
     base = peft_model.get_base_model()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    runner, scale = peft_model, 1.0
+    if ctx.is_distributed and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.device.index] if torch.device(ctx.device).type == "cuda" else None
+        runner = DistributedDataParallel(peft_model, device_ids=device_ids)
+        scale = float(ctx.world_size)  # DDP averages the ranks' gradients; a step needs their sum
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     batches_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_micro = max(1, math.ceil(config.epochs * batches_per_epoch))
@@ -310,22 +348,32 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
 
     device, pad = _model_device(peft_model), _pad_id(tokenizer)
     stream = _micro_batches(len(examples), config.batch_size, config.seed)
+    supervised = [sum(1 for lab in e["labels"][1:] if lab != IGNORE_INDEX) for e in examples]
     peft_model.train()
     done_micro = 0
     try:
         with activation_checkpointing(base, config.gradient_checkpointing, frozen_inputs=True), \
-                tqdm(total=total_steps, desc="finetune (LoRA)", unit="step") as bar:
+                tqdm(total=total_steps, desc="finetune (LoRA)", unit="step", disable=not ctx.is_main) as bar:
             for step in range(total_steps):
                 n_micro = min(config.grad_accum, total_micro - done_micro)
-                micro = [collate([examples[i] for i in next(stream)], pad) for _ in range(n_micro)]
+                micro = [next(stream) for _ in range(n_micro)]
                 done_micro += n_micro
                 # normalise by the supervised tokens of the whole step, so accumulation = one big batch
-                n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+                n_tokens = sum(supervised[i] for ids in micro for i in ids)
+                plan = _step_plan(micro, ctx)
                 step_loss = 0.0
-                for batch in micro:
-                    loss, _ = _summed_loss(peft_model, batch, device)
-                    (loss / n_tokens).backward()
-                    step_loss += float(loss.detach())
+                for n, (ids, active) in enumerate(plan):
+                    last = n == len(plan) - 1
+                    with contextlib.nullcontext() if runner is peft_model or last else runner.no_sync():
+                        loss, _ = _summed_loss(runner, collate([examples[i] for i in ids], pad), device)
+                        (loss * scale / n_tokens if active else loss * 0.0).backward()
+                    step_loss += float(loss.detach()) if active else 0.0
+                if ctx.is_distributed:
+                    if sharded:  # LoRA matrices are plain replicated tensors: add their gradients up
+                        ctx.all_reduce_([p.grad if p.grad is not None else _zero_grad(p) for p in params])
+                    total = torch.tensor([step_loss], dtype=torch.float64)
+                    ctx.all_reduce_(total)
+                    step_loss = float(total.item())
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -340,18 +388,28 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     return peft_model
 
 
+def _zero_grad(p: nn.Parameter) -> torch.Tensor:
+    """Give ``p`` a zero gradient (a LoRA matrix no example reached on this rank) so the reductions line up."""
+    p.grad = torch.zeros_like(p)
+    return p.grad
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving and merging
 # ----------------------------------------------------------------------------------------------
 
 
-def save_adapter(peft_model, out_dir: str | Path) -> Path:
+def save_adapter(peft_model, out_dir: str | Path, ctx: DistContext | None = None) -> Path:
     """Save only the LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) to ``out_dir``.
+
+    ``ctx``: on N ranks the adapters are replicated; the main rank writes them, the others write nothing.
 
     Written to a temporary sibling folder and renamed into place, replacing an existing ``out_dir``.
     peft keeps ``target_modules`` as a set, so its JSON order varies from run to run; the config is
     rewritten with sorted lists and keys, so equal adapters give equal bytes.
     """
+    if not (ctx or single_process()).is_main:
+        return Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
         config_path = tmp / "adapter_config.json"

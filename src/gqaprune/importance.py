@@ -14,10 +14,16 @@ Per-parameter scores (SPEC.md), summed over each group's members:
   head columns) and down_proj (its channel): how much removing the column perturbs the block output
   beyond the mean shift that bias compensation restores. Output projections only, as in FLAP.
 
-Memory: no gradient copy of the model is kept. Each projection's gradient is reduced into its
-per-group float32 accumulators by a post-accumulate-grad hook as soon as backward produces it, and
-then freed; embeddings, norms and lm_head get no gradients at all. Accumulation is float32
-whatever the model's dtype.
+Memory: no gradient copy of the model is kept. No parameter requires grad while scoring; a *tap* on
+each projection's output computes that micro-batch's weight gradient in backward from the output
+gradient and the saved input, reduces it into the per-group float32 accumulators and frees it (one
+projection's gradient at a time); embeddings, norms and lm_head get no gradients at all.
+Accumulation is float32 whatever the model's dtype.
+
+Several processes (``ctx``): the micro-batches are split over the ranks, the accumulators and input
+statistics added up; the model may be replicated or FSDP2-sharded (the taps never let FSDP sum
+gradients over ranks before the absolute value, which would change Taylor). One process runs the
+same code with a context whose collectives are no-ops.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import FamilyAdapter, get_adapter
+from .distributed import DistContext, single_process
 from .errors import NonFiniteError
 from .groups import ATTN, MLP, group_table, layer_shapes
+from .placement import DTensor, full_tensor, is_sharded
 from .schema import ACTIVATION_METRICS, GRADIENT_METRICS, METRICS, LayerShape
 from .torchutil import activation_checkpointing, check_finite_weights, watch_activations
 
@@ -69,6 +77,16 @@ class Reducer:
                 torch.linalg.vector_norm(v, 2, dim=dims).square())
 
 
+def _projections(layer: nn.Module, adapter: FamilyAdapter, shape: LayerShape):
+    """(kind, member, Linear, reducer) of every projection that a layer's groups span (the layout's members)."""
+    out = []
+    for kind, n in ((ATTN, shape.attn_groups), (MLP, shape.mlp_channels)):
+        if n:
+            for member, lin in adapter.members(layer, kind):
+                out.append((kind, member, lin, Reducer(n, "rows" if member.axis == 0 else "cols")))
+    return out
+
+
 def _members(layer: nn.Module, adapter: FamilyAdapter, shape: LayerShape):
     """(kind, parameter, role, reducer) for every parameter that belongs to a layer's groups.
 
@@ -76,13 +94,10 @@ def _members(layer: nn.Module, adapter: FamilyAdapter, shape: LayerShape):
     the members' ``reads``) or 'bias' (a bias entry is owned by the group owning its row).
     """
     out = []
-    for kind, n in ((ATTN, shape.attn_groups), (MLP, shape.mlp_channels)):
-        if not n:
-            continue
-        for member, lin in adapter.members(layer, kind):
-            out.append((kind, lin.weight, member.reads, Reducer(n, "rows" if member.axis == 0 else "cols")))
-            if lin.bias is not None and member.axis == 0:  # an output-projection bias belongs to no group
-                out.append((kind, lin.bias, "bias", Reducer(n, "rows")))
+    for kind, member, lin, reduce in _projections(layer, adapter, shape):
+        out.append((kind, lin.weight, member.reads, reduce))
+        if lin.bias is not None and member.axis == 0:  # an output-projection bias belongs to no group
+            out.append((kind, lin.bias, "bias", reduce))
     return out
 
 
@@ -111,18 +126,43 @@ class _InputNorms:
 
 
 @contextmanager
-def _only_group_params_trainable(model: nn.Module, params: Sequence[nn.Parameter]):
-    """Temporarily give gradients to ``params`` only (embeddings, norms, lm_head get none)."""
+def _frozen(model: nn.Module):
+    """No parameter requires grad for the block (taps compute the gradients); the flags are restored after."""
     saved = {p: p.requires_grad for p in model.parameters()}
-    wanted = {id(p) for p in params}
     try:
         for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
+            p.requires_grad_(False)
         yield
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-            p.grad = None
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a projection's output ``y`` that calls ``fn(x, dy)`` in backward, ``x`` (its input) saved.
+
+    ``save_for_backward`` lets activation checkpointing drop and recompute ``x`` like any saved activation.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, fn):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        ctx.fn(x, dy)
+        return dy, None, None
+
+
+class _Pass:
+    """State of the calibration pass: whether the micro-batch counts (not a lock-step repeat), finiteness flags."""
+
+    def __init__(self):
+        self.active = True
+        self.checks: list = []
 
 
 def check_calibration(samples: torch.Tensor) -> None:
@@ -141,18 +181,25 @@ def score_groups(
     gradient_batch_size: int = 4,
     gradient_checkpointing: bool = False,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> pd.DataFrame:
     """Score every group of ``model`` on calibration ``samples`` ([n, seq_len] token ids).
 
     Returns the group table (``layer``, ``kind``, ``index``, ``cost``) with one float64 column per
     requested metric. One forward (and, for taylor metrics, one backward) per micro-batch of
     ``gradient_batch_size`` samples.
+
+    ``ctx`` (default: one process): on N ranks every rank calls this with the same ``samples`` and its
+    replica or FSDP2 shard of the model; rank r runs a contiguous share of the micro-batches (the same
+    micro-batches as one process), the per-group sums are added up over the ranks, and every rank
+    returns the same table (equal to one process's up to float summation order).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"importance metrics {unknown or '[]'} are not among {list(METRICS)}")
     if gradient_batch_size < 1:
         raise ValueError("gradient_batch_size must be >= 1")
+    ctx = ctx or single_process()
     check_calibration(samples)
     check_finite_weights(model)
     adapter = get_adapter(model.config)
@@ -161,54 +208,49 @@ def score_groups(
     table = group_table(shapes, geometry)
     device = next(model.parameters()).device
     need_grad = bool(GRADIENT_METRICS & set(metrics))
-    need_data = need_grad or bool(ACTIVATION_METRICS & set(metrics))
+    need_inputs = bool(ACTIVATION_METRICS & set(metrics))
+    layers = adapter.layers(model)
+    projections = {s.layer: _projections(layers[s.layer], adapter, s) for s in shapes}
 
-    members = {s.layer: _members(adapter.layers(model)[s.layer], adapter, s) for s in shapes}
-    # accumulators[(layer, kind)][metric] -> float32 [groups]
+    # accumulators[(layer, kind)][metric] -> float32 [groups]; the data-dependent ones start at zero so
+    # that every rank holds the same tensors to add up, even a rank without micro-batches
     acc: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     def add(layer: int, kind: str, metric: str, value: torch.Tensor) -> None:
         slot = acc.setdefault((layer, kind), {})
         slot[metric] = slot[metric] + value if metric in slot else value
 
+    if need_grad:
+        for s in shapes:
+            for kind, n in ((ATTN, s.attn_groups), (MLP, s.mlp_channels)):
+                for metric in sorted(GRADIENT_METRICS) if n else ():
+                    add(s.layer, kind, metric, torch.zeros(n, dtype=torch.float32, device=device))
     norms = _InputNorms()
-    with ExitStack() as stack, torch.no_grad():
-        if "magnitude" in metrics:
-            for layer, items in members.items():
-                for kind, p, _, reduce in items:
-                    add(layer, kind, "magnitude", reduce(p.detach().float().abs()))
-        checks: list[tuple[torch.Tensor, str]] = []  # per-gradient finiteness flags, read once per batch
-        if need_data:
-            if ACTIVATION_METRICS & set(metrics):  # the input statistics serve these only
-                _register_input_hooks(model, adapter, shapes, norms, stack)
-            if need_grad:
-                params = [p for items in members.values() for _, p, _, _ in items]
-                # parameters must require grad before a grad hook can be registered on them
-                stack.enter_context(_only_group_params_trainable(model, params))
-                _register_grad_hooks(members, add, stack, checks)
-            _calibration_pass(model, samples.to(device), gradient_batch_size, need_grad,
-                              gradient_checkpointing, norms, progress, checks)
+    state = _Pass()
+    sharded = is_sharded(model)
+    units = ctx.split_units(math.ceil(samples.shape[0] / gradient_batch_size), lockstep=sharded)
+    with ExitStack() as stack:
+        if need_inputs:  # the input statistics serve wanda and fluctuation only
+            _register_input_hooks(projections, norms, stack, device)
+        if need_grad:
+            stack.enter_context(_frozen(model))
+            emb = adapter.embeddings(model)  # its output requires grad: backward reaches every layer
+            stack.callback(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)).remove)
+            _register_taps(projections, add, state, stack)
+        if need_grad or need_inputs:
+            _calibration_pass(model, samples.to(device), gradient_batch_size, units, need_grad,
+                              gradient_checkpointing, norms, state, progress and ctx.is_main)
 
-    if "wanda" in metrics:
-        with torch.no_grad():
-            for layer, items in members.items():
-                for kind, p, role, reduce in items:
-                    w = p.detach().float().abs()
-                    if role == "bias":
-                        add(layer, kind, "wanda", reduce(w * math.sqrt(norms.tokens)))
-                    else:
-                        add(layer, kind, "wanda", reduce(w * norms.sumsq[(layer, role)].sqrt()[None, :]))
+    if ctx.is_distributed:  # add up the ranks' sums (float64 on the wire), in one fixed order
+        parts = [acc[key][m] for key in sorted(acc) for m in sorted(GRADIENT_METRICS) if m in acc[key]]
+        parts += [norms.sumsq[k] for k in sorted(norms.sumsq)] + [norms.sums[k] for k in sorted(norms.sums)]
+        wire = [t.double() for t in parts] + [torch.tensor([float(norms.tokens)], dtype=torch.float64)]
+        ctx.all_reduce_(wire)
+        for t, total in zip(parts, wire, strict=False):
+            t.copy_(total)
+        norms.tokens = int(wire[-1].item())
 
-    if "fluctuation" in metrics:
-        with torch.no_grad():
-            for layer, items in members.items():
-                for kind, p, role, reduce in items:
-                    if role in ("o_in", "down_in"):
-                        n = max(norms.tokens, 1)
-                        mean = norms.sums[(layer, role)] / n
-                        var = (norms.sumsq[(layer, role)] / n - mean.square()).clamp_min(0)  # [in]
-                        add(layer, kind, "fluctuation", reduce(p.detach().float().square() * var[None, :]))
-
+    _weight_metrics(layers, adapter, shapes, metrics, norms, add)
     for metric in metrics:
         table[metric] = torch.cat(
             [acc[(int(layer), kind)][metric].double().cpu() for layer, kind in _table_blocks(table)]
@@ -221,53 +263,101 @@ def score_groups(
     return table
 
 
+def _weight_metrics(layers, adapter: FamilyAdapter, shapes, metrics, norms: _InputNorms, add) -> None:
+    """magnitude, wanda and fluctuation from the whole weights, one parameter at a time (gathered when sharded)."""
+    want = {"magnitude", "wanda", "fluctuation"} & set(metrics)
+    if not want:
+        return
+    with torch.no_grad():
+        for s in shapes:
+            for kind, p, role, reduce in _members(layers[s.layer], adapter, s):
+                full = full_tensor(p.detach())  # collective when sharded: the same order on every rank
+                w = full.float().abs()
+                if "magnitude" in want:
+                    add(s.layer, kind, "magnitude", reduce(w))
+                if "wanda" in want:
+                    if role == "bias":
+                        add(s.layer, kind, "wanda", reduce(w * math.sqrt(norms.tokens)))
+                    else:
+                        add(s.layer, kind, "wanda", reduce(w * norms.sumsq[(s.layer, role)].sqrt()[None, :]))
+                if "fluctuation" in want and role in ("o_in", "down_in"):
+                    n = max(norms.tokens, 1)
+                    mean = norms.sums[(s.layer, role)] / n
+                    var = (norms.sumsq[(s.layer, role)] / n - mean.square()).clamp_min(0)  # [in]
+                    add(s.layer, kind, "fluctuation", reduce(full.float().square() * var[None, :]))
+                del full, w
+
+
 def _table_blocks(table: pd.DataFrame) -> list[tuple[int, str]]:
     """(layer, kind) blocks in the table's row order."""
     blocks = table[["layer", "kind"]].drop_duplicates()
     return [(int(r.layer), str(r.kind)) for r in blocks.itertuples(index=False)]
 
 
-def _register_input_hooks(model, adapter: FamilyAdapter, shapes, norms: _InputNorms, stack: ExitStack) -> None:
-    """Hook the input of every distinct activation a group member reads (q/k/v share one, gate/up one)."""
-    layers = adapter.layers(model)
-    for s in shapes:
-        layer = layers[s.layer]
-        hooked: dict[str, nn.Module] = {}
-        for kind, n in ((ATTN, s.attn_groups), (MLP, s.mlp_channels)):
-            for member, lin in adapter.members(layer, kind) if n else []:
-                hooked.setdefault(member.reads, lin)
+def _register_input_hooks(projections, norms: _InputNorms, stack: ExitStack, device) -> None:
+    """Hook the input of every distinct activation a group member reads (q/k/v share one, gate/up one);
+    the sums start at zero so every rank holds the same tensors."""
+    for layer, items in projections.items():
+        hooked: dict[str, nn.Linear] = {}
+        for _, member, lin, _ in items:
+            hooked.setdefault(member.reads, lin)
         for role, module in hooked.items():
-            handle = module.register_forward_pre_hook(norms.hook((s.layer, role)))
-            stack.callback(handle.remove)
+            key = (layer, role)
+            norms.sumsq[key] = torch.zeros(module.in_features, dtype=torch.float32, device=device)
+            norms.sums[key] = torch.zeros(module.in_features, dtype=torch.float32, device=device)
+            stack.callback(module.register_forward_pre_hook(norms.hook(key)).remove)
 
 
-def _register_grad_hooks(members, add, stack: ExitStack, checks: list) -> None:
-    """Reduce each projection gradient into per-group |w g| and (w g)^2 sums, then free it.
+def _wg_sums(w: torch.Tensor, g: torch.Tensor, reduce: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group sums of |w g| and (w g)^2 (exact float32 product: a bf16*bf16 product fits float32)."""
+    wg = w * g if w.dtype == torch.float32 else w.float().mul_(g)
+    return reduce.abs_and_square_sums(wg)
 
-    The finiteness of each reduction is recorded in ``checks`` as a device flag (no host sync inside
+
+def _register_taps(projections, add, state: _Pass, stack: ExitStack) -> None:
+    """Put a :class:`_Tap` on every projection output; in backward it reduces that micro-batch's ``w * g``.
+
+    The tap receives ``dY`` (the gradient of the projection's output) and computes the weight gradient
+    ``g = dY^T x`` (bias: ``sum_t dY``) with the matmul autograd would use, reduces it into per-group
+    |w g| and (w g)^2 sums and frees it: one projection's gradient at a time, no parameter ever gets a
+    ``.grad`` (none requires grad) and FSDP has nothing to reduce-scatter. Under FSDP2 the layer is
+    unsharded for its backward (its output requires grad), so the weight read here is whole. The
+    finiteness of each reduction is recorded in ``state.checks`` as a device flag (no host sync inside
     backward); :func:`_raise_if_nonfinite` reads them once per micro-batch.
     """
 
-    def make(layer: int, kind: str, reduce: Reducer, name: str):
-        def hook(p: torch.Tensor) -> None:
-            w, g = p.detach(), p.grad
-            # exact float32 product w*g (a bf16*bf16 product fits float32), one float32 temporary
-            wg = w * g if w.dtype == torch.float32 else w.float().mul_(g)
-            first, second = reduce.abs_and_square_sums(wg)
-            del wg
-            p.grad = None  # free the gradient now: no model-sized gradient copy is ever held
-            checks.append((torch.isfinite(first).all() & torch.isfinite(second).all(),
-                           f"non-finite gradient in layer {layer} {name}: the loss or gradients overflowed; "
-                           "score in float32 (score.dtype) or check the calibration data"))
-            add(layer, kind, "taylor", first)
-            add(layer, kind, "taylor_2nd", first + 0.5 * second)
+    def reduce_into(layer: int, kind: str, value: torch.Tensor, g: torch.Tensor, reduce: Reducer, name: str):
+        first, second = _wg_sums(value.detach(), g, reduce)
+        state.checks.append((torch.isfinite(first).all() & torch.isfinite(second).all(),
+                             f"non-finite gradient in layer {layer} {name}: the loss or gradients overflowed; "
+                             "score in float32 (score.dtype) or check the calibration data"))
+        add(layer, kind, "taylor", first)
+        add(layer, kind, "taylor_2nd", first + 0.5 * second)
+
+    def make(layer: int, kind: str, member, lin: nn.Linear, reduce: Reducer):
+        def on_backward(x: torch.Tensor, dy: torch.Tensor) -> None:
+            if not state.active:  # a lock-step repeat: run, not counted
+                return
+            if isinstance(lin.weight, DTensor):
+                raise RuntimeError(f"layer {layer} {member.name}: the weight is still sharded in backward")
+            with torch.no_grad():
+                dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [tokens, out], [tokens, in]
+                if lin.bias is not None and member.axis == 0:  # an output-projection bias belongs to no group
+                    reduce_into(layer, kind, lin.bias, dy2.sum(0), reduce, f"{member.name}.bias")
+                g = dy2.t().mm(x2)  # [out, in]: the weight gradient of this micro-batch
+                reduce_into(layer, kind, lin.weight, g, reduce, f"{member.name}.weight")
+                del g
+
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                return _Tap.apply(output, args[0], on_backward)
+            return None
 
         return hook
 
-    for layer, items in members.items():
-        for n, (kind, p, role, reduce) in enumerate(items):
-            handle = p.register_post_accumulate_grad_hook(make(layer, kind, reduce, f"{kind} parameter {n} ({role})"))
-            stack.callback(handle.remove)
+    for layer, items in projections.items():
+        for kind, member, lin, reduce in items:
+            stack.callback(lin.register_forward_hook(make(layer, kind, member, lin, reduce)).remove)
 
 
 def _raise_if_nonfinite(checks: list) -> None:
@@ -281,27 +371,32 @@ def _raise_if_nonfinite(checks: list) -> None:
     checks.clear()
 
 
-def _calibration_pass(model, samples: torch.Tensor, batch: int, need_grad: bool, checkpointing: bool,
-                      norms: _InputNorms, progress: bool, checks: list | None = None) -> None:
-    """Forward (+ backward) over ``samples`` in micro-batches; hooks do the accounting."""
-    checks = checks if checks is not None else []
+def _calibration_pass(model, samples: torch.Tensor, batch: int, units, need_grad: bool, checkpointing: bool,
+                      norms: _InputNorms, state: _Pass, progress: bool) -> None:
+    """Forward (+ backward) over this rank's micro-batches ``units``; hooks and taps do the accounting.
+
+    An inactive unit (a lock-step repeat on a sharded model) runs like the others and counts nothing.
+    """
+    checks = state.checks
     try:
         with activation_checkpointing(model, need_grad and checkpointing), watch_activations(model, checks):
-            steps = range(0, samples.shape[0], batch)
-            for start in tqdm(steps, desc="calibration", disable=not progress, unit="batch"):
+            for unit, active in tqdm(units, desc="calibration", disable=not progress, unit="batch"):
+                start = unit * batch
                 ids = samples[start:start + batch]
-                norms.enabled = True
+                state.active = norms.enabled = active
                 if need_grad:
                     with torch.enable_grad():
                         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                         _raise_if_nonfinite(checks)  # a non-finite activation is named before the loss
-                        if not torch.isfinite(loss):
+                        if active and not torch.isfinite(loss):
                             raise NonFiniteError(f"non-finite calibration loss ({loss.item()}) at sample {start}")
                         norms.enabled = False  # a checkpointed backward re-runs forwards: do not count twice
                         loss.backward()
                 else:
-                    model(input_ids=ids, use_cache=False)
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
                 _raise_if_nonfinite(checks)
-                norms.tokens += ids.numel()
+                if active:
+                    norms.tokens += ids.numel()
     finally:
-        norms.enabled = True
+        norms.enabled = state.active = True

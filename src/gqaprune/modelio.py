@@ -104,6 +104,23 @@ def safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def weight_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model folder (its index when it has one, else every file's keys)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    out: dict[str, Path] = {}
+    for file in safetensors_files(folder):
+        with safe_open(str(file), "pt") as f:
+            out.update(dict.fromkeys(f.keys(), file))
+    if not out:
+        raise InputError(f"{folder} holds no safetensors weights")
+    return out
+
+
 def _safetensors_header(file: Path) -> dict:
     """The JSON header of a safetensors file; refuses a file shorter than its header says."""
     size = file.stat().st_size
@@ -257,16 +274,20 @@ def fingerprint(model: nn.Module) -> str:
     return _combine(model.config, ((n, _tensor_digest(n, p)) for n, p in params.items()))
 
 
-def meta_model(config, trust_remote_code: bool = False) -> nn.Module:
-    """The model's architecture on the meta device: shapes and names, no memory (a 70B costs nothing)."""
+def meta_model(config, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model's architecture on the meta device: shapes and names, no memory (a 70B costs nothing).
+
+    ``dtype``: the parameters' dtype (default: the float32 that ``from_config`` uses).
+    """
     from transformers import AutoModelForCausalLM
 
+    kwargs = {} if dtype is None else {"dtype": dtype}
     with torch.device("meta"):
         if getattr(config, "gqaprune_layers", None):
             from .hf_code import modeling_gqaprune
 
-            return getattr(modeling_gqaprune, get_adapter(config).pruned_class)(config)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return getattr(modeling_gqaprune, get_adapter(config).pruned_class)._from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def fingerprint_files(folder: str | Path, config, threads: int | None = None) -> str:

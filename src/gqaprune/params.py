@@ -30,6 +30,8 @@ STRATEGIES = ("hgsp", "uniform", "layer")
 PRIOR_NORMS = ("kind", "none")
 NORMALIZATIONS = ("none", "standardize")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLACEMENTS = ("auto", "replicate", "shard")
+RDZV_BACKENDS = ("c10d", "static", "etcd", "etcd-v2")
 
 
 class ParamsError(GqapruneError, ValueError):
@@ -92,6 +94,56 @@ class DataParams(Section):
 
     section: ClassVar[str] = "data"
     data_dir: str | None = "../shared/data"
+
+
+@dataclass(frozen=True)
+class DistributedParams(Section):
+    """How many processes run a model stage, and how they find each other (torchrun).
+
+    ``nproc_per_node`` processes per host (one per GPU); above 1, or with ``nnodes`` above 1, a stage
+    that touches the model (score, similarity, surgery, finetune, evaluate_dense, evaluate) re-runs
+    itself under torchrun (one host: a free local port; several: the rendezvous keys, the same command
+    on every host). ``placement``: ``replicate`` (every rank holds the whole model), ``shard`` (FSDP2:
+    each rank holds 1/N of every weight) or ``auto`` (replicate when the weights take at most half of
+    one rank's memory). ``timeout_s`` bounds every collective, so a stuck rank fails instead of hanging.
+    Results equal one process's up to float summation order, so this section is not a DVC params
+    dependency: changing the GPU count does not invalidate cached results.
+    """
+
+    section: ClassVar[str] = "distributed"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_backend: str = "c10d"
+    rdzv_id: str = "gqaprune"
+    placement: str = "auto"
+    timeout_s: float = 1800.0
+
+    def rules(self):
+        k = self.key
+        return [
+            _rule(_is_int(self.nproc_per_node) and self.nproc_per_node >= 1, k("nproc_per_node"),
+                  "an integer >= 1", self.nproc_per_node),
+            _rule(_is_int(self.nnodes) and self.nnodes >= 1, k("nnodes"), "an integer >= 1", self.nnodes),
+            _rule(self.node_rank is None or (_is_int(self.node_rank) and 0 <= self.node_rank < self.nnodes),
+                  k("node_rank"), "null or an integer in [0, nnodes)", self.node_rank),
+            _rule(self.rdzv_endpoint is None or bool(self.rdzv_endpoint.strip()), k("rdzv_endpoint"),
+                  "null or host:port", self.rdzv_endpoint),
+            _rule(self.nnodes == 1 or self.rdzv_endpoint is not None, k("rdzv_endpoint"),
+                  "set (host:port of node 0) when distributed.nnodes > 1", self.rdzv_endpoint),
+            _choice(self.rdzv_backend, RDZV_BACKENDS, k("rdzv_backend")),
+            _rule(self.rdzv_backend != "static" or self.node_rank is not None, k("node_rank"),
+                  "set when distributed.rdzv_backend is static", self.node_rank),
+            _rule(bool(self.rdzv_id.strip()), k("rdzv_id"), "a non-empty string", self.rdzv_id),
+            _choice(self.placement, PLACEMENTS, k("placement")),
+            _rule(_is_num(self.timeout_s) and self.timeout_s > 0, k("timeout_s"), "a number > 0", self.timeout_s),
+        ]
+
+    @property
+    def processes(self) -> int:
+        """Processes in all (every host)."""
+        return self.nproc_per_node * self.nnodes
 
 
 @dataclass(frozen=True)
@@ -341,6 +393,7 @@ class EvaluateParams(Section):
 class Params:
     """All of params.yaml."""
 
+    distributed: DistributedParams = field(default_factory=DistributedParams)
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)

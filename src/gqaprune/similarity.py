@@ -20,8 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
+from .distributed import DistContext, single_process
 from .errors import NonFiniteError
 from .importance import check_calibration
+from .placement import is_sharded, no_grad_mode
 from .torchutil import check_finite_weights, watch_activations
 
 COLUMNS = ("layer", "layer_importance", "attn_importance", "mlp_importance")
@@ -33,15 +35,18 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 8,
-                     progress: bool = True, reduce=None) -> pd.DataFrame:
+                     progress: bool = True, ctx: DistContext | None = None) -> pd.DataFrame:
     """Per-layer importance table (columns: ``COLUMNS``) from forward passes over ``samples`` [n, seq].
 
-    ``reduce`` (in-place sum over processes) combines the sums when the samples are split across ranks.
+    ``ctx`` (default: one process): on N ranks the batches are split over the ranks (replicated or
+    FSDP2-sharded model), the sums of 1 - cos and the token counts added up; every rank returns the
+    same table.
     """
     check_calibration(samples)
     check_finite_weights(model)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    ctx = ctx or single_process()
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     n = len(layers)
@@ -49,6 +54,7 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
     # [layer, (layer, attn, mlp)] sums of 1 - cos, kept on the device so no per-layer sync is needed
     sums = torch.zeros(n, 3, dtype=torch.float64, device=device)
     captured: dict[str, torch.Tensor] = {}
+    counting = [True]  # False for a lock-step repeat (a sharded model): run, not counted
 
     def layer_in(i):
         def fn(module, args, kwargs):
@@ -65,6 +71,8 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
         def fn(module, args, kwargs, output):
             out = (output[0] if isinstance(output, tuple) else output).detach().float()
             x, a = captured.pop(f"x{i}"), captured.pop(f"a{i}")
+            if not counting[0]:
+                return
             mid = x + a
             sums[i, 0] += _one_minus_cos(x, out)
             sums[i, 1] += _one_minus_cos(x, mid)
@@ -73,7 +81,7 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
 
     tokens = 0
     checks: list = []
-    with ExitStack() as stack, torch.inference_mode():
+    with ExitStack() as stack, no_grad_mode(ctx):
         stack.enter_context(watch_activations(model, checks))
         for i, layer in enumerate(layers):
             for handle in (
@@ -82,18 +90,19 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
                 layer.register_forward_hook(layer_out(i), with_kwargs=True),
             ):
                 stack.callback(handle.remove)
-        for start in tqdm(range(0, samples.shape[0], batch_size), desc="similarity", disable=not progress):
-            ids = samples[start:start + batch_size].to(device)
+        batches = ctx.batches(samples.shape[0], batch_size, lockstep=is_sharded(model))
+        for rows, active in tqdm(batches, desc="similarity", disable=not (progress and ctx.is_main)):
+            ids = samples[rows].to(device)
+            counting[0] = active
             model(input_ids=ids, use_cache=False)
-            tokens += ids.numel()
+            tokens += ids.numel() if active else 0
             flags = torch.stack([flag for flag, _ in checks])
             if not bool(flags.all()):
                 raise NonFiniteError(checks[int((~flags).nonzero()[0, 0])][1])
             checks.clear()
-    if reduce is not None:
+    if ctx.is_distributed:
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=sums.device)
-        reduce(sums)
-        reduce(count)
+        ctx.all_reduce_([sums, count])
         tokens = int(count.item())
     means = (sums / tokens).cpu().numpy()
     return pd.DataFrame({

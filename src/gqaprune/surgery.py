@@ -10,25 +10,31 @@ checkpoint carries ``modeling_gqaprune.py`` for ``trust_remote_code=True`` loadi
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .adapters import FamilyAdapter, Geometry, get_adapter
 from .artifacts import atomic_dir
-from .checkpoint import save_model
+from .checkpoint import model_tensors, save_model
+from .distributed import DistContext, single_process
 from .groups import layer_shapes
 from .hf_code import gqaprune_layout as layout
 from .hf_code import modeling_gqaprune as hf_code
+from .modelio import meta_model
+from .placement import full_tensor, gathered, plain_linear
 from .schema import ATTN, MLP, LayerKeep
 
 #: files saved next to a non-uniform checkpoint so it loads with trust_remote_code=True
 REMOTE_CODE_FILES = (Path(hf_code.__file__), Path(layout.__file__))
 
-__all__ = ["LayerKeep", "SurgeryReport", "prune_attention", "prune_mlp", "prune_model", "save_pruned"]
+__all__ = ["LayerKeep", "PrunedLayout", "SurgeryReport", "prune_attention", "prune_mlp", "prune_model",
+           "pruned_layout", "pruned_tensors", "save_pruned"]
 
 
 @dataclass
@@ -146,21 +152,201 @@ def _set_config_geometry(config, specs: list[dict], geometry: Geometry, adapter:
     return uniform
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, info: Mapping | None = None) -> Path:
-    """Save a (pruned) model as safetensors + config + tokenizer (+ modeling code when needed).
+@dataclass
+class PrunedLayout:
+    """What a pruned checkpoint will hold, computed on the meta device (no memory, any model size).
 
-    ``info`` (JSON-serialisable provenance: source fingerprint, plan params) is stored in the config as
-    ``gqaprune_info``. The weights are streamed tensor by tensor from the model's device
-    (:func:`gqaprune.checkpoint.save_model`). Written to a temporary folder and renamed into place
-    (never through an existing file, which may be a link into the DVC cache).
+    ``model`` is the pruned model on the meta device (its config is the checkpoint's config), ``report``
+    what :func:`prune_model` did, ``sources[j]`` the current index of the layer that becomes layer j.
     """
+
+    model: nn.Module
+    report: SurgeryReport
+    sources: list[int]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers still in it), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _refit_specs(replacements) -> dict[tuple[int, str], tuple[int, int, bool, torch.dtype]]:
+    """(out, in, has bias, dtype) of every refit: from :class:`~gqaprune.compensation.Refits` or a dict of Linears."""
+    specs = getattr(replacements, "specs", None)
+    if specs is not None:
+        return dict(specs)
+    return {k: (lin.out_features, lin.in_features, lin.bias is not None, lin.weight.dtype)
+            for k, lin in (replacements or {}).items()}
+
+
+def pruned_layout(model: nn.Module, keep: Mapping[int, LayerKeep] | None = None, replacements=None) -> PrunedLayout:
+    """:func:`prune_model` of ``model`` (any placement, or a peft model: its base) run on a meta-device copy.
+
+    The pruned config, the report and every tensor's name, shape and dtype, exactly as one process
+    pruning in place would have them, without touching ``model`` or holding any weight.
+    """
+    base = _base(model)
+    adapter = get_adapter(base.config)
+    meta = meta_model(copy.deepcopy(base.config), dtype=next(base.parameters()).dtype)
+    layers, dense = adapter.layers(meta), adapter.layers(base)
+    if len(layers) != len(dense):
+        raise ValueError(f"the config describes {len(layers)} decoder layers, the model has {len(dense)}")
+    for i, layer in enumerate(layers):
+        layer.gqaprune_source = i
+    if keep or replacements:
+        refits = {key: nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
+                  for key, (n_out, n_in, bias, dtype) in _refit_specs(replacements).items()}
+        report = prune_model(meta, keep or {}, refits)
+    else:
+        report = SurgeryReport(kept_layers=_source_layers(meta.config, len(layers)), removed_layers=[],
+                               uniform=not getattr(meta.config, "gqaprune_layers", None))
+    return PrunedLayout(meta, report, [layer.gqaprune_source for layer in adapter.layers(meta)])
+
+
+def _proxy(module: nn.Module, full: Mapping[str, torch.Tensor], prefix: str = "") -> nn.Module:
+    """A plain module tree shaped like ``module`` holding the gathered tensors ``full`` (by local name).
+
+    Linear layers become ``nn.Linear``, a peft LoRA layer the ``nn.Linear`` of its merged weight, an
+    emptied block stays empty, anything else a container of its direct parameters: what
+    :func:`gqaprune.hf_code.gqaprune_layout.slice_block` needs, with the original's state_dict names.
+    """
+    if isinstance(module, layout.EmptyAttention | layout.EmptyMLP):
+        return type(module)()
+    if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+        return _merged_lora(module, full, prefix)
+    if isinstance(module, nn.Linear):
+        return plain_linear(full[prefix + "weight"], full.get(prefix + "bias"))
+    out = nn.Module()
+    for name, _ in module.named_parameters(recurse=False):
+        out.register_parameter(name, nn.Parameter(full[prefix + name], requires_grad=False))
+    for name, child in module.named_children():
+        out.add_module(name, _proxy(child, full, prefix + name + "."))
+    return out
+
+
+def _merged_lora(module: nn.Module, full: Mapping[str, torch.Tensor], prefix: str) -> nn.Linear:
+    """The ``nn.Linear`` of a peft LoRA layer with its adapters merged, as ``merge_and_unload(safe_merge=True)``:
+    the (gathered) base weight plus peft's own ``get_delta_weight`` of every active adapter."""
+    base = module.base_layer
+    if not isinstance(base, nn.Linear):
+        raise NotImplementedError(f"{prefix}: LoRA on a {type(base).__name__} is not merged here")
+    weight = full[prefix + "base_layer.weight"].clone()
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or module.lora_bias.get(name):
+            raise NotImplementedError(f"{prefix}: LoRA variants (DoRA...) and LoRA biases are not merged here")
+        weight += module.get_delta_weight(name).to(weight.dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"NaNs detected in the merged weights of {prefix.rstrip('.')}: the adapter seems broken")
+    return plain_linear(weight, full.get(prefix + "base_layer.bias"))
+
+
+def _refit_of(replacements, key: tuple[int, str], ctx: DistContext) -> nn.Linear | None:
+    """The refit ``key`` where it is needed (collective for :class:`~gqaprune.compensation.Refits` on N ranks)."""
+    if replacements is None:
+        return None
+    if hasattr(replacements, "everywhere"):
+        return replacements.everywhere(key, ctx) if key in replacements.owners else None
+    return replacements.get(key)
+
+
+def _pruned_layer(layer: nn.Module, source: int, keep: LayerKeep | None, replacements, geometry: Geometry,
+                  ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The tensors of one pruned layer, by local name, on the main rank (None elsewhere).
+
+    Every rank takes part in gathering the dense layer and in fetching its refits; the main rank
+    slices a plain copy with :func:`prune_attention` / :func:`prune_mlp` and installs the refits.
+    """
+    full = gathered(layer)
+    refits = {kind: _refit_of(replacements, (source, kind), ctx) for kind in (ATTN, MLP)}
+    if not ctx.is_main:
+        return None
+    proxy = _proxy(layer, full)
+    if keep is not None:
+        prune_attention(proxy, sorted(keep.attn), None, geometry)
+        prune_mlp(proxy, sorted(keep.mlp), None)
+    for kind, linear in refits.items():
+        if linear is not None:
+            name = layout.OUTPUT[kind].name
+            old = layout.projection(proxy, kind, name)
+            if tuple(old.weight.shape) != tuple(linear.weight.shape):
+                raise ValueError(f"replacement {name} of layer {source} has shape {tuple(linear.weight.shape)}, "
+                                 f"the pruned layer needs {tuple(old.weight.shape)}")
+            layout.block(proxy, kind).register_module(name, linear)
+    return proxy.state_dict()
+
+
+def pruned_tensors(model: nn.Module, layout_: PrunedLayout, keep: Mapping[int, LayerKeep] | None = None,
+                   replacements=None, ctx: DistContext | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, tensor) of the pruned checkpoint in order, built one decoder layer at a time from ``model``.
+
+    Collective on N ranks (every rank iterates it); the tensors are real on the main rank only (None
+    elsewhere). A sharded model is gathered one parameter of the root or one decoder layer at a time,
+    so no rank ever holds the whole model; ``model`` itself is left untouched.
+    """
+    ctx = ctx or single_process()
+    base = _base(model)
+    adapter = get_adapter(base.config)
+    geometry = adapter.geometry(base.config)
+    dense_layers = adapter.layers(base)
+    dense = {**dict(base.named_buffers()), **dict(base.named_parameters())}
+    names = {id(m): n for n, m in layout_.model.named_modules()}
+    prefixes = [names[id(layer)] + "." for layer in adapter.layers(layout_.model)]
+    current: tuple[int, dict | None] = (-1, None)
+    for name, planned in model_tensors(layout_.model):
+        j = next((j for j, p in enumerate(prefixes) if name.startswith(p)), None)
+        if j is None:
+            if name not in dense:
+                raise RuntimeError(f"{name} of the pruned checkpoint is not a tensor of the model (LoRA on the "
+                                   "embeddings or the head is not merged here)")
+            tensor = full_tensor(dense[name].detach())  # collective when sharded
+        else:
+            if current[0] != j:
+                current = (-1, None)  # free the previous layer before gathering the next
+                source = layout_.sources[j]
+                current = (j, _pruned_layer(dense_layers[source], source, (keep or {}).get(source), replacements,
+                                            geometry, ctx))
+            tensor = None if current[1] is None else current[1].get(name[len(prefixes[j]):])
+        if ctx.is_main and (tensor is None or tuple(tensor.shape) != tuple(planned.shape)
+                            or tensor.dtype != planned.dtype):
+            got = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise RuntimeError(f"pruned tensor {name} is {got}, the pruned config needs "
+                               f"{tuple(planned.shape)} {planned.dtype}")
+        yield name, tensor if ctx.is_main else None
+
+
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, info: Mapping | None = None,
+                keep: Mapping[int, LayerKeep] | None = None, replacements=None, ctx: DistContext | None = None,
+                max_shard_bytes: int = 5 << 30, layout_: PrunedLayout | None = None) -> Path:
+    """Save ``model`` pruned by ``keep`` (default: as it is) as safetensors + config + tokenizer (+ modeling code).
+
+    ``replacements`` are the refitted output projections (:func:`gqaprune.compensation.compensate`).
+    ``model`` may be replicated, FSDP2-sharded or a peft model (its LoRA layers are merged, as
+    ``merge_and_unload(safe_merge=True)`` would); it is left untouched: the pruned tensors are built
+    one decoder layer at a time (:func:`pruned_tensors`) and streamed to disk
+    (:func:`gqaprune.checkpoint.save_model`), so one decoder layer is the most that is ever gathered.
+    ``info`` (JSON-serialisable provenance: source fingerprint, plan params) is stored in the config as
+    ``gqaprune_info``. ``ctx``: every rank calls it; the main rank writes. Written to a temporary
+    folder and renamed into place (never through an existing file, which may be a link into the DVC
+    cache). Returns ``out_dir``.
+    """
+    ctx = ctx or single_process()
+    layout_ = layout_ or pruned_layout(model, keep, replacements)
+    config = layout_.model.config
     if info is not None:
-        model.config.gqaprune_info = json.loads(json.dumps(dict(info), sort_keys=True))
-    with atomic_dir(out_dir) as tmp:
-        save_model(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model.config, "gqaprune_layers", None):
-            for file in REMOTE_CODE_FILES:
-                (tmp / file.name).write_bytes(file.read_bytes())
+        config.gqaprune_info = json.loads(json.dumps(dict(info), sort_keys=True))
+    tensors = pruned_tensors(model, layout_, keep, replacements, ctx)
+    if ctx.is_main:
+        with atomic_dir(out_dir) as tmp:
+            save_model(_base(model), tmp, max_shard_bytes, tensors=tensors, config=config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if getattr(config, "gqaprune_layers", None):
+                for file in REMOTE_CODE_FILES:
+                    (tmp / file.name).write_bytes(file.read_bytes())
+    else:
+        for _ in tensors:  # take part in every gather
+            pass
+    ctx.barrier()  # on return the checkpoint is in place for every rank
     return Path(out_dir)

@@ -78,3 +78,6 @@ STAGES: dict[str, StageInfo] = {
         *(str(PLOTS_DIR / f"{plot}.{ext}") for plot in plots for ext in ("png", "csv"))))
     for name, summary, sections, outs, plots in _TABLE
 }
+#: the stages that load the model: they run on ``distributed.nproc_per_node`` x ``nnodes`` processes
+#: (:mod:`gqaprune.distributed`); the others run on one (under torchrun: rank 0, the other ranks idle)
+MULTI_PROCESS = frozenset({"score", "similarity", "surgery", "finetune", "evaluate_dense", "evaluate"})

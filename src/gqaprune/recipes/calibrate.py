@@ -7,6 +7,7 @@ import logging
 from ..artifacts import StageOutputs, atomic_path
 from ..corpora import get_corpus
 from ..data import calibration_samples
+from ..distributed import DistContext
 from ..params import Params
 from . import CALIBRATION_DIR, CORPORA_DIR, MODEL_DIR
 from .records import Timer, model_meta, stage_metrics
@@ -14,7 +15,7 @@ from .records import Timer, model_meta, stage_metrics
 log = logging.getLogger("gqaprune")
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Draw the calibration samples from the corpora snapshot with the dense model's tokenizer."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer

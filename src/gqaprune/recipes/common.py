@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..artifacts import check_fingerprint
+from ..distributed import DistContext
 from ..errors import InputError
-from ..modelio import load_causal_lm, resolve_device
+from ..params import Params
+from ..placement import load_model
 from . import CALIBRATION_DIR, MODEL_DIR
 from .records import model_meta
 
 
-def load_dense(dtype: str, device: str):
-    """(model in eval mode on ``device``, fingerprint, record) of the dense model from prepare."""
+def load_dense(params: Params, section, ctx: DistContext):
+    """(model in eval mode, fingerprint, record) of the dense model from prepare, in ``section``'s dtype on its
+    device (on N ranks: each rank's device, replicated or sharded as ``distributed.placement`` says)."""
     meta = model_meta()
-    model = load_causal_lm(MODEL_DIR, dtype=dtype, device=resolve_device(device)).eval()
+    model = load_model(MODEL_DIR, section.dtype, section.device, ctx, params.distributed.placement)
     return model, meta["fingerprint"], meta
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..adapters import get_adapter
 from ..artifacts import ArtifactMismatchError, StageOutputs, read_json
+from ..distributed import DistContext
 from ..errors import InputError
 from ..evaluation import perplexities
 from ..groups import parameter_counts
-from ..modelio import load_causal_lm, resolve_device
 from ..params import Params
+from ..placement import load_model
 from . import CORPORA_DIR, DENSE_PPL, FINETUNE_DIR, PLAN_DIR, PRUNED_DIR
 from .records import Timer, stage_metrics
 
@@ -25,7 +26,7 @@ def _check_belongs(pruned, dense: dict, analysis: dict, e) -> None:
         raise InputError(f"{DENSE_PPL} was measured with other evaluate settings; re-run evaluate_dense")
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Evaluate the pruned (and recovered) checkpoints; write ratios to dense and parameter counts."""
     from transformers import AutoTokenizer
 
@@ -34,25 +35,27 @@ def run(params: Params, out: StageOutputs) -> None:
     dense = read_json(DENSE_PPL)
     analysis = read_json(PLAN_DIR / "pruning_analysis.json")
     tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
-    device = resolve_device(e.device)
+    placement = params.distributed.placement
     with timer.phase("load"):
-        pruned = load_causal_lm(PRUNED_DIR, dtype=e.dtype, device=device).eval()
+        pruned = load_model(PRUNED_DIR, e.dtype, e.device, ctx, placement)
     _check_belongs(pruned, dense, analysis, e)
     measure = lambda model: perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size,  # noqa: E731
-                                         e.max_tokens, CORPORA_DIR)
+                                         e.max_tokens, CORPORA_DIR, ctx)
     with timer.phase("evaluate"):
         results = {"dense": dense["ppl"], "pruned": measure(pruned)}
     status = read_json(FINETUNE_DIR / "status.json")
     if status.get("enabled"):
         merged = FINETUNE_DIR / "merged"
         if merged.is_dir():
-            tuned = load_causal_lm(merged, dtype=e.dtype, device=device).eval()
+            tuned = load_model(merged, e.dtype, e.device, ctx, placement)
         else:
             from peft import PeftModel
 
             tuned = PeftModel.from_pretrained(pruned, FINETUNE_DIR / "adapter").eval()
         with timer.phase("evaluate"):
             results["finetuned"] = measure(tuned)
+    if not ctx.is_main:  # every rank has the results; the main rank writes them
+        return
     adapter = get_adapter(pruned.config)
     params_after = parameter_counts(pruned, adapter, adapter.geometry(pruned.config)).total
     stage_metrics(out, "evaluate", timer, {
@@ -69,4 +72,4 @@ def run(params: Params, out: StageOutputs) -> None:
         },
         "tokens_evaluated": {name: r["tokens"] for name, r in results["pruned"].items()},
         "capped": any(r["capped"] for r in results["pruned"].values()),
-    })
+    }, ctx)

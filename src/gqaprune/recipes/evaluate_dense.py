@@ -8,6 +8,7 @@ The wall time goes to ``metrics/evaluate_dense.json``.
 from __future__ import annotations
 
 from ..artifacts import StageOutputs, write_json
+from ..distributed import DistContext
 from ..evaluation import perplexities
 from ..params import Params
 from . import CORPORA_DIR, DENSE_PPL, MODEL_DIR
@@ -15,16 +16,18 @@ from .common import load_dense
 from .records import Timer, stage_metrics
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Evaluate the prepared model on every configured corpus."""
     from transformers import AutoTokenizer
 
     timer = Timer()
     e = params.evaluate
     with timer.phase("load"):
-        model, fp, _ = load_dense(e.dtype, e.device)
+        model, fp, _ = load_dense(params, e, ctx)
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     with timer.phase("evaluate"):
-        result = perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size, e.max_tokens, CORPORA_DIR)
+        result = perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size, e.max_tokens, CORPORA_DIR, ctx)
+    if not ctx.is_main:  # every rank has the result; the main rank writes it
+        return
     write_json(out(DENSE_PPL), {"fingerprint": fp, "seq_len": e.seq_len, "dtype": e.dtype, "ppl": result})
-    stage_metrics(out, "evaluate_dense", timer)
+    stage_metrics(out, "evaluate_dense", timer, ctx=ctx)

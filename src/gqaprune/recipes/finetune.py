@@ -6,17 +6,22 @@ import pandas as pd
 
 from ..artifacts import StageOutputs, write_csv, write_json
 from ..data import load_instructions
-from ..finetune import finetune_lora, merge_adapter, save_adapter
-from ..modelio import load_causal_lm, resolve_device
+from ..distributed import DistContext
+from ..finetune import finetune_lora, save_adapter
 from ..params import Params
+from ..placement import load_model
 from ..plots import plot_finetune_loss
 from ..surgery import save_pruned
 from . import CORPORA_DIR, FINETUNE_DIR, PLOTS_DIR, PRUNED_DIR
 from .records import Timer, stage_metrics
 
 
-def run(params: Params, out: StageOutputs) -> None:
-    """Train LoRA adapters on the pruned checkpoint (or record that recovery is disabled)."""
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
+    """Train LoRA adapters on the pruned checkpoint (or record that recovery is disabled).
+
+    The merged model is written layer by layer (base weight + LoRA delta, as peft merges), so a
+    sharded model is never gathered whole.
+    """
     from transformers import AutoTokenizer
 
     timer = Timer()
@@ -24,22 +29,23 @@ def run(params: Params, out: StageOutputs) -> None:
     out(FINETUNE_DIR).mkdir(parents=True, exist_ok=True)
     loss_rows: list[dict] = []
     if f.enabled:
-        model = load_causal_lm(PRUNED_DIR, dtype=f.dtype, device=resolve_device(f.device))
+        model = load_model(PRUNED_DIR, f.dtype, f.device, ctx, params.distributed.placement)
         tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
         records = load_instructions(f.dataset, "train", data_dir=CORPORA_DIR)
-        peft_model = finetune_lora(model, tokenizer, records, f.config(),
+        peft_model = finetune_lora(model, tokenizer, records, f.config(), ctx=ctx,
                                    log=lambda step, loss, lr: loss_rows.append({"step": step, "loss": loss, "lr": lr}))
-        save_adapter(peft_model, out(FINETUNE_DIR / "adapter"))
+        save_adapter(peft_model, out(FINETUNE_DIR / "adapter"), ctx)
         if f.merge:
-            merged = merge_adapter(peft_model)
-            info = dict(getattr(merged.config, "gqaprune_info", None) or {}, finetune=_asdict(f))
-            save_pruned(merged, tokenizer, out(FINETUNE_DIR / "merged"), info)
+            info = dict(getattr(model.config, "gqaprune_info", None) or {}, finetune=_asdict(f))
+            save_pruned(peft_model, tokenizer, out(FINETUNE_DIR / "merged"), info, ctx=ctx)
+    if not ctx.is_main:  # the main rank writes the rest
+        return
     write_json(out(FINETUNE_DIR / "status.json"), {"enabled": f.enabled, "steps": len(loss_rows)})
     losses = pd.DataFrame(loss_rows, columns=["step", "loss", "lr"])
     write_csv(out(PLOTS_DIR / "finetune_loss.csv"), losses)
     plot_finetune_loss(losses, out)
     final = round(float(losses["loss"].iloc[-5:].mean()), 4) if len(losses) else None
-    stage_metrics(out, "finetune", timer, {"enabled": f.enabled, "steps": len(loss_rows), "final_loss": final})
+    stage_metrics(out, "finetune", timer, {"enabled": f.enabled, "steps": len(loss_rows), "final_loss": final}, ctx)
 
 
 def _asdict(section) -> dict:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 
 from ..artifacts import StageOutputs, check_fingerprint, read_table, write_csv, write_json, write_table
+from ..distributed import DistContext
 from ..params import Params
 from ..plan import build_plan
 from ..plots import plot_kept_fraction
@@ -20,7 +21,7 @@ from .records import Timer, model_meta, stage_metrics
 log = logging.getLogger("gqaprune")
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Plan from the scores (and similarity, when the settings use it) of the prepared model."""
     timer = Timer()
     cfg = params.plan

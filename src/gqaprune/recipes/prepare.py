@@ -19,6 +19,7 @@ from ..adapters import get_adapter
 from ..artifacts import StageOutputs, write_json
 from ..checkpoint import save_model
 from ..data import DATA_DIR_ENV, snapshot_corpora
+from ..distributed import DistContext
 from ..errors import InputError
 from ..groups import parameter_counts
 from ..hub import hub_reachable
@@ -54,7 +55,7 @@ def _check_data_dir(params: Params) -> str | None:
     return mirror
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Write the dense model folder, its record (model.json) and the corpora snapshot."""
     timer = Timer()
     p = params.prepare

@@ -38,14 +38,19 @@ class Timer:
         log.info("%s: %.2f s", name, self.phases[name])
 
 
-def stage_metrics(out: StageOutputs, stage: str, timer: Timer, extra: dict | None = None) -> None:
-    """Write ``metrics/<stage>.json``: wall time, peak GPU memory (when a GPU was used) and stage figures."""
+def stage_metrics(out: StageOutputs, stage: str, timer: Timer, extra: dict | None = None, ctx=None) -> None:
+    """Write ``metrics/<stage>.json``: wall time, peak GPU memory (when a GPU was used) and stage figures.
+
+    On N processes (``ctx``) the main rank's figures, and ``processes``: N.
+    """
     metrics = {"wall_time_s": timer.seconds()}
     if timer.phases:
         metrics["phases_s"] = dict(timer.phases)
     torch = sys.modules.get("torch")  # only a stage that imported torch can have used a GPU
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if ctx is not None and ctx.is_distributed:
+        metrics["processes"] = ctx.world_size
     write_json(out(METRICS_DIR / f"{stage}.json"), {**metrics, **(extra or {})})
 
 

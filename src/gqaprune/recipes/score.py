@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..artifacts import StageOutputs, write_table
+from ..distributed import DistContext
 from ..importance import score_groups
 from ..params import Params
 from . import SCORES
@@ -12,17 +13,19 @@ from .common import load_calibration, load_dense
 from .records import Timer, stage_metrics
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Score the dense model on the calibration samples; the table records model and params."""
     timer = Timer()
     s = params.score
     with timer.phase("load"):
-        model, fp, meta = load_dense(s.dtype, s.device)
+        model, fp, meta = load_dense(params, s, ctx)
         samples, cal_meta = load_calibration(fp)
     with timer.phase("score"):
         table = score_groups(model, samples, metrics=s.metrics, gradient_batch_size=s.gradient_batch_size,
-                             gradient_checkpointing=s.gradient_checkpointing)
+                             gradient_checkpointing=s.gradient_checkpointing, ctx=ctx)
+    if not ctx.is_main:  # every rank has the table; the main rank writes it
+        return
     provenance = {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta,
                   "param_counts": meta["params"], "num_layers": meta["geometry"]["num_layers"]}
     write_table(out(SCORES), table, provenance)
-    stage_metrics(out, "score", timer, {"groups": len(table)})
+    stage_metrics(out, "score", timer, {"groups": len(table)}, ctx)

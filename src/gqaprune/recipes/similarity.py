@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..artifacts import StageOutputs, write_table
+from ..distributed import DistContext
 from ..params import Params
 from ..plots import plot_importance
 from ..similarity import block_similarity
@@ -13,17 +14,19 @@ from .common import load_calibration, load_dense
 from .records import Timer, stage_metrics
 
 
-def run(params: Params, out: StageOutputs) -> None:
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Forward passes of the dense model over the calibration samples."""
     timer = Timer()
     s = params.similarity
     with timer.phase("load"):
-        model, fp, _ = load_dense(s.dtype, s.device)
+        model, fp, _ = load_dense(params, s, ctx)
         samples, cal_meta = load_calibration(fp)
     with timer.phase("similarity"):
-        table = block_similarity(model, samples, batch_size=s.batch_size)
+        table = block_similarity(model, samples, batch_size=s.batch_size, ctx=ctx)
+    if not ctx.is_main:  # every rank has the table; the main rank writes it
+        return
     with timer.phase("write"):
         write_table(out(SIMILARITY), table, {"fingerprint": fp, "params": dataclasses.asdict(s),
                                              "calibration": cal_meta})
         plot_importance(table, out)
-    stage_metrics(out, "similarity", timer)
+    stage_metrics(out, "similarity", timer, ctx=ctx)

@@ -8,10 +8,11 @@ import logging
 from ..adapters import get_adapter
 from ..artifacts import ArtifactMismatchError, StageOutputs, read_json
 from ..compensation import compensate
+from ..distributed import DistContext
 from ..groups import parameter_counts
 from ..params import Params
 from ..schema import LayerKeep
-from ..surgery import prune_model, save_pruned
+from ..surgery import pruned_layout, save_pruned
 from . import MODEL_DIR, PLAN_DIR, PRUNED_DIR
 from .common import load_calibration, load_dense
 from .records import Timer, stage_metrics
@@ -19,35 +20,41 @@ from .records import Timer, stage_metrics
 log = logging.getLogger("gqaprune")
 
 
-def run(params: Params, out: StageOutputs) -> None:
-    """Apply plan.json to the prepared model (it must be the model the plan was made for)."""
+def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
+    """Apply plan.json to the prepared model (it must be the model the plan was made for).
+
+    The dense model is left as it is: the pruned checkpoint is built one decoder layer at a time
+    (on N ranks gathered on the main rank, which writes it; the refits solved by their owner ranks).
+    """
     from transformers import AutoTokenizer
 
     timer = Timer()
     s = params.surgery
     doc = read_json(PLAN_DIR / "plan.json")
     with timer.phase("load"):
-        model, fp, meta = load_dense(s.dtype, s.device)
+        model, fp, meta = load_dense(params, s, ctx)
     if doc.get("fingerprint") != fp:
         raise ArtifactMismatchError(f"plan {PLAN_DIR / 'plan.json'} was made for model {doc.get('fingerprint')}, "
                                     f"not for {MODEL_DIR} ({fp}); re-run score and plan")
     keep = {int(layer): LayerKeep(**k) for layer, k in doc["keep"].items()}
-    replacements = {}
+    replacements = None
     if s.compensation != "none":
         samples, _ = load_calibration(fp)
         with timer.phase("compensation"):
-            replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size)
-        log.info("compensation %s: refitted %d output projections", s.compensation, len(replacements))
-    with timer.phase("slice"):
-        report = prune_model(model, keep, replacements)
-    adapter = get_adapter(model.config)
-    counts = parameter_counts(model, adapter, adapter.geometry(model.config))
+            replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size, ctx=ctx)
+        log.info("compensation %s: refitted %d output projections", s.compensation, len(replacements.owners))
+    layout = pruned_layout(model, keep, replacements)  # on the meta device: config, report, shapes
+    report = layout.report
+    adapter = get_adapter(layout.model.config)
+    counts = parameter_counts(layout.model, adapter, adapter.geometry(layout.model.config))
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     info = {"source_fingerprint": fp, "plan": doc["params"], "surgery": dataclasses.asdict(s),
             "removed_layers": report.removed_layers,
             "params_before": meta["params"]["total"], "params_after": counts.total}
     with timer.phase("save"):
-        save_pruned(model, tokenizer, out(PRUNED_DIR), info)
+        save_pruned(model, tokenizer, out(PRUNED_DIR), info, keep, replacements, ctx, layout_=layout)
     log.info("pruned model: %s parameters, %d layers (removed %s), standard config: %s",
              f"{counts.total:,}", len(report.kept_layers), report.removed_layers, report.uniform)
-    stage_metrics(out, "surgery", timer, {"params_after": counts.total, "layers_after": len(report.kept_layers)})
+    if ctx.is_main:
+        stage_metrics(out, "surgery", timer, {"params_after": counts.total, "layers_after": len(report.kept_layers)},
+                      ctx)
