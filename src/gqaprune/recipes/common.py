@@ -21,6 +21,14 @@ def load_dense(params: Params, section, ctx: DistContext):
     return model, meta["fingerprint"], meta
 
 
+def load_dense_and_calibration(params: Params, section, ctx: DistContext, timer):
+    """(model, fingerprint, record, samples, calibration metadata), timed as the stage's ``load`` phase."""
+    with timer.phase("load"):
+        model, fp, meta = load_dense(params, section, ctx)
+        samples, cal_meta = load_calibration(fp)
+    return model, fp, meta, samples, cal_meta
+
+
 def load_calibration(expected_fingerprint: str) -> tuple[torch.Tensor, dict]:
     """Calibration samples [n, seq_len] and their metadata; refuses samples made for another model."""
     from safetensors import safe_open

@@ -9,7 +9,7 @@ from ..distributed import DistContext
 from ..importance import score_groups
 from ..params import Params
 from . import SCORES
-from .common import load_calibration, load_dense
+from .common import load_dense_and_calibration
 from .records import Timer, stage_metrics
 
 
@@ -17,9 +17,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Score the dense model on the calibration samples; the table records model and params."""
     timer = Timer()
     s = params.score
-    with timer.phase("load"):
-        model, fp, meta = load_dense(params, s, ctx)
-        samples, cal_meta = load_calibration(fp)
+    model, fp, meta, samples, cal_meta = load_dense_and_calibration(params, s, ctx, timer)
     with timer.phase("score"):
         table = score_groups(model, samples, metrics=s.metrics, gradient_batch_size=s.gradient_batch_size,
                              gradient_checkpointing=s.gradient_checkpointing, ctx=ctx)

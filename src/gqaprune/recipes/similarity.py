@@ -10,7 +10,7 @@ from ..params import Params
 from ..plots import plot_importance
 from ..similarity import block_similarity
 from . import SIMILARITY
-from .common import load_calibration, load_dense
+from .common import load_dense_and_calibration
 from .records import Timer, stage_metrics
 
 
@@ -18,9 +18,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     """Forward passes of the dense model over the calibration samples."""
     timer = Timer()
     s = params.similarity
-    with timer.phase("load"):
-        model, fp, _ = load_dense(params, s, ctx)
-        samples, cal_meta = load_calibration(fp)
+    model, fp, _, samples, cal_meta = load_dense_and_calibration(params, s, ctx, timer)
     with timer.phase("similarity"):
         table = block_similarity(model, samples, batch_size=s.batch_size, ctx=ctx)
     if not ctx.is_main:  # every rank has the table; the main rank writes it
