@@ -236,7 +236,7 @@ def bench(args, ctx) -> dict:
 def reference_score(args, model, samples, table, device) -> dict:
     """Time another importance.py's score_groups on the same model and samples (one process); compare scores."""
     import numpy as np
-    from gpu_8b import load_module_copy  # benchmarks/ is on the path of this script
+    from gpu.library import load_module_copy  # benchmarks/ is on the path of this script
 
     ref = load_module_copy("importance_reference", Path(args.reference_importance))
     run = lambda: ref.score_groups(model, samples, gradient_batch_size=args.gradient_batch_size,  # noqa: E731

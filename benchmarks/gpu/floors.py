@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
-from gqaprune.importance import _only_group_params_trainable
 from gqaprune.torchutil import activation_checkpointing
 
 from .bench import Bench, PresetRun, median, parse_settings, random_ids, timed
@@ -54,9 +55,24 @@ def fwdbwd_floor(bench: Bench, model, batch: int, seq: int, checkpointing: bool)
         for p in params:
             p.grad = None
 
-    with _only_group_params_trainable(model, params), activation_checkpointing(model, checkpointing):
+    with _trainable_only(model, params), activation_checkpointing(model, checkpointing):
         ts = timed(bench, step, iters=bench.args.floor_iters)
     return _floor(bench, batch, seq, ts, checkpointing=checkpointing)
+
+
+@contextmanager
+def _trainable_only(model, params):
+    """Gradients for ``params`` only for the duration of the block (the floor of a weight-gradient pass)."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def _floor(bench: Bench, batch: int, seq: int, times: list[float], **extra) -> dict:
