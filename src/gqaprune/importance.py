@@ -44,7 +44,7 @@ from .distributed import DistContext, single_process
 from .errors import NonFiniteError
 from .groups import ATTN, MLP, group_table, layer_shapes
 from .placement import DTensor, full_tensor, is_sharded
-from .schema import ACTIVATION_METRICS, GRADIENT_METRICS, METRICS, LayerShape
+from .schema import ACTIVATION_METRICS, GRADIENT_METRICS, METRICS, WEIGHT_METRICS, LayerShape
 from .torchutil import activation_checkpointing, check_finite_weights, watch_activations
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,19 @@ def score_groups(
             t.copy_(total)
         norms.tokens = int(wire[-1].item())
 
-    _weight_metrics(layers, adapter, shapes, metrics, norms, add)
+    weight_metrics = sorted(WEIGHT_METRICS & set(metrics))
+    if ctx.is_distributed and not sharded and weight_metrics:
+        # replicas: each rank reads the weights of its share of the layers only, the others add zeros
+        mine = [shapes[i] for i in ctx.shard(len(shapes))]
+        for s in shapes:
+            for kind, n in ((ATTN, s.attn_groups), (MLP, s.mlp_channels)):
+                for metric in weight_metrics if n else ():
+                    add(s.layer, kind, metric, torch.zeros(n, dtype=torch.float32, device=device))
+        _weight_metrics(layers, adapter, mine, metrics, norms, add)
+        parts = [acc[key][m] for key in sorted(acc) for m in weight_metrics if m in acc[key]]
+        ctx.all_reduce_(parts)  # exact: every group's value comes from one rank, the rest are zeros
+    else:  # one process, or FSDP shards (each weight is gathered collectively, so every rank reads all)
+        _weight_metrics(layers, adapter, shapes, metrics, norms, add)
     for metric in metrics:
         table[metric] = torch.cat(
             [acc[(int(layer), kind)][metric].double().cpu() for layer, kind in _table_blocks(table)]
@@ -265,7 +277,7 @@ def score_groups(
 
 def _weight_metrics(layers, adapter: FamilyAdapter, shapes, metrics, norms: _InputNorms, add) -> None:
     """magnitude, wanda and fluctuation from the whole weights, one parameter at a time (gathered when sharded)."""
-    want = {"magnitude", "wanda", "fluctuation"} & set(metrics)
+    want = WEIGHT_METRICS & set(metrics)
     if not want:
         return
     with torch.no_grad():

@@ -20,6 +20,8 @@ METRICS = ("magnitude", "wanda", "taylor", "taylor_2nd", "fluctuation")
 GRADIENT_METRICS = frozenset({"taylor", "taylor_2nd"})
 #: metrics that need forward passes over calibration data (input statistics)
 ACTIVATION_METRICS = frozenset({"wanda", "fluctuation"})
+#: metrics computed from the whole weights after the calibration pass
+WEIGHT_METRICS = frozenset({"magnitude", "wanda", "fluctuation"})
 
 
 @dataclass
