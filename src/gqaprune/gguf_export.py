@@ -331,6 +331,8 @@ def _plan_tensors(ckpt: _Checkpoint, geo: Geometry, layers: list[LayerSpec], arc
             zeros(f"{b}.ffn_gate.weight", (s.ffn, h))
             zeros(f"{b}.ffn_up.weight", (s.ffn, h))
             zeros(f"{b}.ffn_down.weight", (h, s.ffn))
+        elif s.ffn == 0:  # only reachable without encode_layers (the negative-control test)
+            used.add(f"model.layers.{i}.post_attention_layernorm.weight")
         else:
             src(f"{b}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", (h,))
             src(f"{b}.ffn_gate.weight", _hf("mlp.gate_proj", i, "weight"), (s.ffn, h))
@@ -456,11 +458,16 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> _Vocab:
         raise UnsupportedExportError(f"{model_dir}/tokenizer.json: {model.get('type')} model"
                                      f"{' with byte_fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
                                      " is not exported; only byte-level BPE tokenizers are")
-    if spec.get("normalizer") is not None:
-        raise UnsupportedExportError(f"{model_dir}/tokenizer.json: a normalizer ({spec['normalizer'].get('type')}) "
-                                     "is set; llama.cpp's byte-level BPE applies none")
     pre, warn = detect_pre_tokenizer(spec.get("pre_tokenizer"))
     warnings = [warn] if warn else []
+    norm = (spec.get("normalizer") or {}).get("type")
+    if norm in ("NFC", "NFKC"):
+        # Qwen2's tokenizer sets NFC; llama.cpp applies no normaliser, which only matters for text not in NFC
+        warnings.append(f"tokenizer normalizer {norm} is not applied by llama.cpp: text not already in {norm} "
+                        "may tokenise differently")
+    elif norm is not None:
+        raise UnsupportedExportError(f"{model_dir}/tokenizer.json: normalizer {norm} is set; llama.cpp's byte-level "
+                                     "BPE applies none (only NFC/NFKC are accepted, with a warning)")
     vocab: dict[str, int] = dict(model["vocab"])
     added = {int(a["id"]): a for a in spec.get("added_tokens", [])}
     for a in added.values():
@@ -684,3 +691,51 @@ def iter_gguf_layers(path: str | os.PathLike) -> Iterator[dict]:
                                         per_layer("feed_forward_length"), strict=True)):
         yield {"layer": i, "heads": h, "kv_heads": kv, "ffn": ff}
 
+# ------------------------------------------------------------------------------------------------
+# running the exported file in llama.cpp (verification and benchmarks)
+# ------------------------------------------------------------------------------------------------
+def load_llama(path: str | os.PathLike, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
+               vocab_only: bool = False, kv_f32: bool = True):
+    """A ``llama_cpp.Llama`` on the GGUF ``path`` (CPU, quiet); ``logits_all`` keeps every position's logits.
+
+    ``kv_f32``: keep the KV cache in float32 (llama.cpp's default is float16, which alone moves logits by
+    ~1e-3 and would hide what the export itself gets right or wrong); False for llama.cpp's defaults.
+    """
+    llama_cpp = llama_cpp_module()
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
+                           n_threads_batch=n_threads, logits_all=logits_all, vocab_only=vocab_only, verbose=False,
+                           **kv)
+
+
+def llama_cpp_logits(llm, ids: list[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """llama.cpp's logits ``[len(ids), vocab]`` (float32) for the token ids ``ids`` fed from position 0."""
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    if len(ids) > llm.n_ctx():
+        raise ValueError(f"{len(ids)} tokens do not fit the context of {llm.n_ctx()}; load with a larger n_ctx")
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def window_nll(logits: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor) -> float:
+    """Summed next-token NLL (nats, float64) of one window: ``logits [n, vocab]`` predicting ``ids[1:]``."""
+    lg = torch.as_tensor(np.asarray(logits), dtype=torch.float64)[:-1]
+    target = torch.as_tensor(np.asarray(ids), dtype=torch.long)[1:]
+    return float(torch.nn.functional.cross_entropy(lg, target, reduction="sum"))
+
+
+def llama_cpp_perplexity(path: str | os.PathLike, windows: torch.Tensor, n_threads: int = 2) -> float:
+    """Perplexity of the GGUF ``path`` in llama.cpp over ``windows [n_windows, seq_len]`` of token ids.
+
+    Each window is evaluated from an empty context and predicts its own tokens 1..seq_len-1, the same
+    protocol as :func:`gqaprune.evaluation.perplexity`, so the two numbers are comparable window by window.
+    """
+    import math
+
+    llm = load_llama(path, n_ctx=int(windows.shape[1]), n_threads=n_threads)
+    try:
+        total = sum(window_nll(llama_cpp_logits(llm, w), w) for w in windows)
+    finally:
+        llm.close()
+    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
