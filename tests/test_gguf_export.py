@@ -256,16 +256,43 @@ def test_tokenizer_metadata_and_tokenisation(tmp_path, tokenizer):
         llm.close()
 
 
+def _matrix_types(path: Path) -> dict[str, set[str]]:
+    """GGML type names of the 2-D tensors of a GGUF file, by tensor kind (``ffn_down``, ``attn_q``...)."""
+    from gguf import GGUFReader
+
+    out: dict[str, set[str]] = {}
+    for t in GGUFReader(str(path)).tensors:
+        if len(t.shape) == 2:
+            out.setdefault(t.name.split(".")[-2], set()).add(t.tensor_type.name)
+    return out
+
+
+def test_ffn_padding_is_exact(tmp_path, tokenizer):
+    """Zero MLP channels up to a multiple of 32 leave the logits unchanged and appear in the metadata."""
+    folder, model = _make(tmp_path, tokenizer, "tiny-qwen2-gqa7", CASES["qwen2-nonuniform-bias"][1])
+    report = export_gguf(folder, tmp_path / "m.gguf", dtype="f32", ffn_multiple=32)
+    assert [x["ffn"] for x in iter_gguf_layers(tmp_path / "m.gguf")] == [32, 96, 32]  # 24, 72, emptied
+    assert [s["ffn_pad"] for s in report.layers] == [8, 24, 0]
+    diff = float(np.abs(_gguf_logits(tmp_path / "m.gguf", IDS) - _hf_logits(model, IDS)).max())
+    assert diff < F32_ATOL
+
+
 def test_quantize(tmp_path, tokenizer):
     _llama_cpp()
     folder, model = _make(tmp_path, tokenizer, "tiny-llama-gqa4", CASES["nonuniform-llama"][1])
     export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
+    export_gguf(folder, tmp_path / "m32.gguf", dtype="f16", ffn_multiple=32)
     ref = _hf_logits(model, IDS)
     for qtype, atol in (("Q8_0", 0.1), ("Q4_0", 1.0)):
-        out = gguf_export.quantize_gguf(tmp_path / "m.gguf", tmp_path / f"m-{qtype}.gguf", qtype, nthread=2)
-        assert out.stat().st_size < (tmp_path / "m.gguf").stat().st_size
+        out = gguf_export.quantize_gguf(tmp_path / "m32.gguf", tmp_path / f"m-{qtype}.gguf", qtype, nthread=2)
+        assert out.stat().st_size < (tmp_path / "m32.gguf").stat().st_size
+        types = _matrix_types(out)  # llama.cpp keeps the output matrix at higher precision by design
+        assert types["ffn_down"] == {qtype} and not any("F16" in v for v in types.values()), types
         diff = float(np.abs(_gguf_logits(out, IDS) - ref).max())
         assert diff < atol, f"{qtype}: {diff:.3f}"
+    # MLP widths 40 / 72 / 16 are not multiples of 32: without padding llama.cpp keeps those ffn_down in F16
+    unpadded = gguf_export.quantize_gguf(tmp_path / "m.gguf", tmp_path / "u-Q8_0.gguf", "Q8_0", nthread=2)
+    assert _matrix_types(unpadded)["ffn_down"] == {"Q8_0", "F16"}
     with pytest.raises(UnsupportedExportError, match="Q3_X"):
         gguf_export.quantize_gguf(tmp_path / "m.gguf", tmp_path / "bad.gguf", "Q3_X")
 

@@ -38,6 +38,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class LayerSpec:
     ffn: int
     attn_placeholder: bool = False
     ffn_placeholder: bool = False
+    ffn_pad: int = 0          # zero channels appended to the MLP (``ffn`` includes them)
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,14 @@ def encode_layers(specs: list[LayerSpec], q_per_kv: int) -> list[LayerSpec]:
     return out
 
 
+def pad_ffn(spec: LayerSpec, multiple: int) -> LayerSpec:
+    """``spec`` with its MLP width rounded up to a multiple of ``multiple`` by zero channels (``ffn_pad``)."""
+    width = -(-spec.ffn // multiple) * multiple
+    if width == spec.ffn:
+        return spec
+    return dataclasses.replace(spec, ffn=width, ffn_pad=0 if spec.ffn_placeholder else width - spec.ffn)
+
+
 # ------------------------------------------------------------------------------------------------
 # tensors
 # ------------------------------------------------------------------------------------------------
@@ -285,15 +295,22 @@ def _plan_tensors(ckpt: _Checkpoint, geo: Geometry, layers: list[LayerSpec], arc
         used.add(name)
         return name
 
-    def src(gguf_name: str, hf_name: str, shape: tuple[int, ...], heads_for_rope: int = 0) -> None:
+    def src(gguf_name: str, hf_name: str, shape: tuple[int, ...], heads_for_rope: int = 0,
+            pad_rows: int = 0, pad_cols: int = 0) -> None:
+        """``hf_name`` of checkpoint ``shape``, q/k rows re-ordered for RoPE, zero rows/columns appended."""
         need(hf_name, shape)
         qtype = wtype if len(shape) == 2 else Q.F32  # norms and biases stay float32, as llama.cpp expects
+        gshape = (shape[0] + pad_rows, *((shape[1] + pad_cols,) if len(shape) == 2 else ()))
 
-        def make(hf_name=hf_name, heads_for_rope=heads_for_rope):
+        def make(hf_name=hf_name, heads_for_rope=heads_for_rope, pad_rows=pad_rows, pad_cols=pad_cols):
             t = ckpt.get(hf_name).float()
-            return rope_pairs_order(t, heads_for_rope) if heads_for_rope else t
+            t = rope_pairs_order(t, heads_for_rope) if heads_for_rope else t
+            if pad_rows or pad_cols:
+                # F.pad takes (last dim left, right, first dim left, right)
+                t = torch.nn.functional.pad(t, (0, pad_cols, 0, pad_rows) if t.dim() == 2 else (0, pad_rows))
+            return t
 
-        out.append(_Tensor(gguf_name, shape, qtype, make))
+        out.append(_Tensor(gguf_name, gshape, qtype, make))
 
     def zeros(gguf_name: str, shape: tuple[int, ...]) -> None:
         out.append(_Tensor(gguf_name, shape, wtype if len(shape) == 2 else Q.F32,
@@ -335,13 +352,15 @@ def _plan_tensors(ckpt: _Checkpoint, geo: Geometry, layers: list[LayerSpec], arc
             used.add(f"model.layers.{i}.post_attention_layernorm.weight")
         else:
             src(f"{b}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", (h,))
-            src(f"{b}.ffn_gate.weight", _hf("mlp.gate_proj", i, "weight"), (s.ffn, h))
-            src(f"{b}.ffn_up.weight", _hf("mlp.up_proj", i, "weight"), (s.ffn, h))
-            src(f"{b}.ffn_down.weight", _hf("mlp.down_proj", i, "weight"), (h, s.ffn))
-            for proj, gname, n in (("gate_proj", "ffn_gate", s.ffn), ("up_proj", "ffn_up", s.ffn),
-                                   ("down_proj", "ffn_down", h)):
+            # ffn_pad zero channels: gate/up rows and down columns of zeros contribute exactly 0
+            w, pad = s.ffn - s.ffn_pad, s.ffn_pad
+            src(f"{b}.ffn_gate.weight", _hf("mlp.gate_proj", i, "weight"), (w, h), pad_rows=pad)
+            src(f"{b}.ffn_up.weight", _hf("mlp.up_proj", i, "weight"), (w, h), pad_rows=pad)
+            src(f"{b}.ffn_down.weight", _hf("mlp.down_proj", i, "weight"), (h, w), pad_cols=pad)
+            for proj, gname, n, p in (("gate_proj", "ffn_gate", w, pad), ("up_proj", "ffn_up", w, pad),
+                                      ("down_proj", "ffn_down", h, 0)):
                 if _hf(f"mlp.{proj}", i, "bias") in ckpt.shapes:
-                    src(f"{b}.{gname}.bias", _hf(f"mlp.{proj}", i, "bias"), (n,))
+                    src(f"{b}.{gname}.bias", _hf(f"mlp.{proj}", i, "bias"), (n,), pad_rows=p)
     if geo.rope["rope_type"] == "llama3":
         freqs = _llama3_rope_factors(geo)
         out.append(_Tensor("rope_freqs.weight", tuple(freqs.shape), Q.F32, lambda f=freqs: f))
@@ -531,17 +550,24 @@ def _to_numpy(t: torch.Tensor, qtype: int) -> np.ndarray:
 
 
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "f16",
-                name: str | None = None) -> ExportReport:
+                name: str | None = None, ffn_multiple: int = 1) -> ExportReport:
     """Write the checkpoint in ``model_dir`` as one GGUF file ``out_path`` with its tokenizer and chat template.
 
     ``dtype``: storage type of the 2-D weights ("f32", "f16", "bf16"); norms and biases are always f32.
-    ``name``: ``general.name`` (default: the folder name). Raises :class:`UnsupportedExportError` naming
-    the key or file when the checkpoint uses something llama.cpp cannot run; nothing is written then.
+    ``name``: ``general.name`` (default: the folder name).
+    ``ffn_multiple``: pad every MLP width up to a multiple of this with zero channels (outputs unchanged).
+    llama.cpp quantises a matrix only when its row length is a multiple of the type's block (32 for
+    Q8_0 / Q4_0 / Q5_0, 256 for K-quants); ``ffn_down``'s rows are the MLP width, and a pruned width that
+    is a multiple of 8 only falls back to F16. Export the file to be quantised with 32.
+    Raises :class:`UnsupportedExportError` naming the key or file when the checkpoint uses something
+    llama.cpp cannot run; nothing is written then.
     """
     import gguf
 
     if dtype not in DTYPES:
         raise UnsupportedExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if ffn_multiple < 1:
+        raise UnsupportedExportError(f"ffn_multiple must be >= 1, got {ffn_multiple}")
     model_dir, out = Path(model_dir), Path(out_path)
     config = _read_json(model_dir / "config.json")
     geo = read_geometry(config, str(model_dir / "config.json"))
@@ -551,6 +577,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
                      for n in ckpt.shapes)
     arch = choose_arch(geo, raw, extra_bias)
     layers = encode_layers(raw, geo.q_per_kv) if arch == "deci" else raw
+    layers = [pad_ffn(s, ffn_multiple) for s in layers]
     warnings: list[str] = []
     sliding = config.get("sliding_window")
     if geo.model_type == "mistral" and sliding and int(sliding) < geo.n_ctx:
@@ -627,7 +654,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
         ckpt.close()
     placeholders = [f"layer {s.index}: zero attention (1 KV group) for an emptied attention in layer 0"
                     for s in layers if s.attn_placeholder]
-    placeholders += [f"layer {s.index}: zero MLP ({PLACEHOLDER_FFN} channels) for an emptied MLP"
+    placeholders += [f"layer {s.index}: zero MLP ({s.ffn} channels) for an emptied MLP"
                      for s in layers if s.ffn_placeholder]
     return ExportReport(path=str(out), arch=arch, dtype=dtype, n_layers=len(layers), n_tensors=len(tensors),
                         file_bytes=out.stat().st_size, tokenizer_pre=vocab.pre,
