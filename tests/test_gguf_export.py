@@ -236,24 +236,47 @@ def test_refusals(tmp_path, tokenizer):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_tokenizer_metadata_and_tokenisation(tmp_path, tokenizer):
-    folder, _ = _make(tmp_path, tokenizer, "tiny-llama-gqa3", {})
+@pytest.mark.parametrize("preset", ["tiny-llama-gqa3", "tiny-qwen2-gqa7"])
+def test_tokenizer_metadata_and_tokenisation(tmp_path, tokenizer, preset):
+    from transformers import AutoTokenizer
+
+    folder, _ = _make(tmp_path, tokenizer, preset, {})
     (folder / "chat_template.jinja").write_text("{% for m in messages %}<s>{{ m['content'] }}{% endfor %}")
     report = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
-    assert report.tokenizer_pre == "gpt-2"
+    hf = AutoTokenizer.from_pretrained(folder)  # what users of the folder get (Qwen2 re-reads it its own way)
     from gguf import GGUFReader
 
     fields = GGUFReader(str(tmp_path / "m.gguf")).fields
-    assert fields["tokenizer.ggml.add_bos_token"].contents() is True  # helpers' tokenizer adds "<s>"
-    assert fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.pre"].contents() == report.tokenizer_pre
+    assert fields["tokenizer.ggml.add_bos_token"].contents() == (hf("a")["input_ids"][0] == hf.bos_token_id)
+    assert fields["tokenizer.ggml.tokens"].contents()[-1] == f"[PAD{len(tokenizer) + 19}]"  # padded vocabulary
     assert "messages" in fields["tokenizer.chat_template"].contents()
     _llama_cpp()
     llm = gguf_export.load_llama(tmp_path / "m.gguf", vocab_only=True)
     try:
-        for text in (SAMPLE_TEXT[:200], " the dow jones , 2000 !", "Robert Boulter is an actor .\n\n = = x"):
-            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+        for text in (SAMPLE_TEXT[:200], " the dow jones , 2000 !", "Robert Boulter is an actor .\n\n = = x",
+                     "<s> starring 1234 times"):
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"], text
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rope_scaling(tmp_path, tokenizer, rope):
+    """Linear and LLaMA-3.1 RoPE scaling (the latter as a rope_freqs tensor) match HF; both change the logits."""
+    spec = CASES["nonuniform-llama"][1]
+    plain_folder, plain = _make(tmp_path / "plain", tokenizer, "tiny-llama-gqa4", spec)
+    model = _sharpen(build_model("tiny-llama-gqa4", vocab_size=len(tokenizer) + 20,
+                                 rope_parameters={"rope_theta": 10000.0, **rope}))
+    prune_model(model, _keep(model, spec))
+    save_pruned(model, tokenizer, tmp_path / "model")
+    model = load_causal_lm(tmp_path / "model").eval()
+    ref = _hf_logits(model, IDS)
+    assert np.abs(ref - _hf_logits(plain, IDS)).max() > 100 * F32_ATOL  # the scaling matters at these positions
+    export_gguf(tmp_path / "model", tmp_path / "m.gguf", dtype="f32")
+    assert float(np.abs(_gguf_logits(tmp_path / "m.gguf", IDS) - ref).max()) < F32_ATOL
 
 
 def _matrix_types(path: Path) -> dict[str, set[str]]:

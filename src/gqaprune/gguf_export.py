@@ -528,7 +528,8 @@ def choose_arch(geo: Geometry, layers: list[LayerSpec], extra_bias: bool) -> str
         return "deci"
     if geo.model_type == "qwen2":
         heads = layers[0].heads
-        return "qwen2" if heads * geo.head_dim == geo.hidden and not extra_bias else "deci"
+        fits = heads * geo.head_dim == geo.hidden and not extra_bias and geo.rope["rope_type"] != "llama3"
+        return "qwen2" if fits else "deci"  # qwen2 has no rope_freqs tensor either
     return "llama"
 
 
