@@ -95,26 +95,31 @@ def _make_models(work: Path, params, data_dir: str, ratios: list[float]) -> dict
     return folders
 
 
-def _speed(path: Path, threads: int, pp: int, tg: int, seed: int) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s) of one run: a ``pp``-token prompt in one batch, then ``tg``
-    single-token decodes from an empty context, with llama.cpp's default (f16) KV cache."""
+def _speed(path: Path, threads: int, pp: int, tg: int, seed: int) -> tuple[float, float, float, float]:
+    """One run: a ``pp``-token prompt in one batch, then ``tg`` single-token decodes from an empty context,
+    with llama.cpp's default (f16) KV cache.
+
+    Returns (prompt tokens/s, generated tokens/s) by wall clock and the same two by process CPU time
+    divided by ``threads``. On a machine shared with other jobs the wall clock also counts time the
+    threads waited for a core; CPU time does not (ggml's threads spin while they wait for each other,
+    so CPU time / threads approximates the wall time of an idle machine)."""
     llm = gg.load_llama(path, n_ctx=max(pp, tg) + 8, n_threads=threads, logits_all=False, kv_f32=False)
     try:
         rng = np.random.default_rng(seed)
         prompt = rng.integers(100, llm.n_vocab(), pp).tolist()
         llm.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         llm.eval(prompt)
-        pp_s = time.perf_counter() - t0
+        pp_s, pp_c = time.perf_counter() - t0, (time.process_time() - c0) / threads
         llm.reset()
         gen = rng.integers(100, llm.n_vocab(), tg).tolist()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for token in gen:
             llm.eval([token])
-        tg_s = time.perf_counter() - t0
+        tg_s, tg_c = time.perf_counter() - t0, (time.process_time() - c0) / threads
     finally:
         llm.close()
-    return pp / pp_s, tg / tg_s
+    return pp / pp_s, tg / tg_s, pp / pp_c, tg / tg_c
 
 
 def _weight_bytes_per_token(path: Path) -> int:
@@ -202,7 +207,7 @@ def main(
         print(json.dumps({name: row}), flush=True)
 
     # speed: interleave files within each repetition so machine load hits all of them alike
-    runs_by_file: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    runs_by_file: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     for rep in range(reps if speed else 0):
         for name in folders:
             for kind in kinds[1:]:
@@ -214,6 +219,8 @@ def main(
         # best of the runs: on a shared machine the least-disturbed run is closest to the machine's speed
         rows[name]["files"][kind]["pp_tok_s_best"] = max(r[0] for r in runs)
         rows[name]["files"][kind]["tg_tok_s_best"] = max(r[1] for r in runs)
+        rows[name]["files"][kind]["pp_tok_cpu_s"] = statistics.median(r[2] for r in runs)
+        rows[name]["files"][kind]["tg_tok_cpu_s"] = statistics.median(r[3] for r in runs)
         rows[name]["files"][kind]["pp_runs"] = [round(r[0], 1) for r in runs]
         rows[name]["files"][kind]["tg_runs"] = [round(r[1], 1) for r in runs]
     machine["loadavg_at_end"] = os.getloadavg()
@@ -234,13 +241,15 @@ def _table(result: dict, kinds: list[str]) -> str:
     models = result["models"]
     dense = models["dense"]["files"]
     lines = ["| model | file | MB | WikiText-2 ppl (llama.cpp) | HF f32 ppl | prompt tok/s | gen tok/s | gen vs dense "
-             "| gen tok/s (best) | best vs dense |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| gen tok/s (best) | best vs dense | gen tok/CPU-s | CPU-s vs dense |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in models.items():
         for kind in ["f32", *kinds]:
             f = row["files"][kind]
             speed = (f"{f['pp_tok_s']:.0f} | {f['tg_tok_s']:.1f} | {f['tg_tok_s'] / dense[kind]['tg_tok_s']:.2f}x | "
-                     f"{f['tg_tok_s_best']:.1f} | {f['tg_tok_s_best'] / dense[kind]['tg_tok_s_best']:.2f}x"
-                     if "tg_tok_s" in f else "| | | |")
+                     f"{f['tg_tok_s_best']:.1f} | {f['tg_tok_s_best'] / dense[kind]['tg_tok_s_best']:.2f}x | "
+                     f"{f['tg_tok_cpu_s']:.1f} | {f['tg_tok_cpu_s'] / dense[kind]['tg_tok_cpu_s']:.2f}x"
+                     if "tg_tok_s" in f else "| | | | | |")
             lines.append(f"| {name} ({row['arch']}, {row['params'] / 1e6:.1f}M) | {kind} | {f['bytes'] / 1e6:.1f} | "
                          f"{f['ppl']:.2f} | {row['hf_f32_ppl']:.2f} | {speed} |")
     return "\n".join(lines)

@@ -221,6 +221,19 @@ def test_export_is_deterministic_and_atomic(tmp_path, tokenizer):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_sharded_bfloat16_checkpoint(tmp_path, tokenizer):
+    """A sharded bf16 checkpoint (model.safetensors.index.json) exports to the same logits as one file."""
+    folder, model = _make(tmp_path, tokenizer, "tiny-qwen2-gqa7", CASES["qwen2-nonuniform-bias"][1])
+    sharded = tmp_path / "sharded"
+    model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save_pretrained(sharded)
+    (sharded / "config.json").write_text((folder / "config.json").read_text())  # same geometry, same keys
+    assert (sharded / "model.safetensors.index.json").is_file()
+    export_gguf(sharded, tmp_path / "m.gguf", dtype="f32")
+    ref = _hf_logits(load_causal_lm(sharded).eval(), IDS)  # the bf16-rounded weights, computed in float32
+    assert float(np.abs(_gguf_logits(tmp_path / "m.gguf", IDS) - ref).max()) < F32_ATOL
+
+
 def test_refusals(tmp_path, tokenizer):
     folder, _ = _make(tmp_path, tokenizer, "tiny-llama-gqa4", {})
     config = json.loads((folder / "config.json").read_text())
