@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
 import yaml
 
@@ -139,7 +138,8 @@ def _weight_bytes_per_token(path: Path) -> int:
 @app.command()
 def main(
     data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
-    out: Annotated[Path, typer.Option(help="Where results.json / results.md go.")] = REPO / "benchmarks/results/llamacpp",
+    out: Annotated[Path, typer.Option(help="Where results.json / results.md go.")] = (
+        REPO / "benchmarks/results/llamacpp"),
     work: Annotated[Path, typer.Option(help="Checkpoints and GGUF files (large; outside the repo).")] = Path(
         "/tmp/gqaprune_llamacpp_bench"),
     ratios: Annotated[str, typer.Option(help="Pruning ratios (of all parameters).")] = "0.2,0.3",

@@ -15,7 +15,6 @@ Without llama-cpp-python the llama.cpp tests skip, except under CI=true, where t
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -246,6 +245,12 @@ def test_refusals(tmp_path, tokenizer):
         (folder / "config.json").write_text(json.dumps({**config, **patch}))
         with pytest.raises(UnsupportedExportError, match=message):
             export_gguf(folder, tmp_path / "x.gguf")
+    (folder / "config.json").write_text(json.dumps(config))
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # SentencePiece-style BPE (LLaMA-2, Mistral v0.1)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UnsupportedExportError, match="byte_fallback"):
+        export_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -33,12 +33,12 @@ byte-identical files (no timestamps, fixed order).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -334,7 +334,8 @@ def _plan_tensors(ckpt: _Checkpoint, geo: Geometry, layers: list[LayerSpec], arc
             src(f"{b}.attn_k.weight", _hf("self_attn.k_proj", i, "weight"), (kv_out, h),
                 s.kv_heads if permute else 0)
             src(f"{b}.attn_v.weight", _hf("self_attn.v_proj", i, "weight"), (kv_out, h))
-            for proj, gname, n, heads in (("q_proj", "attn_q", q_out, s.heads), ("k_proj", "attn_k", kv_out, s.kv_heads),
+            for proj, gname, n, heads in (("q_proj", "attn_q", q_out, s.heads),
+                                          ("k_proj", "attn_k", kv_out, s.kv_heads),
                                           ("v_proj", "attn_v", kv_out, 0)):
                 bias = _hf(f"self_attn.{proj}", i, "bias")
                 if bias in ckpt.shapes:
@@ -462,9 +463,8 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> _Vocab:
     tokenizer lacks up to the model's vocab size are UNUSED ``[PAD<id>]``. Whether BOS/EOS are added is
     read from what the HF tokenizer itself does on a sample text (that includes tokenizer_config flags).
     """
-    from transformers import AutoTokenizer
-
     from gguf import TokenType
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -474,9 +474,10 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> _Vocab:
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedExportError(f"{model_dir}/tokenizer.json: {model.get('type')} model"
-                                     f"{' with byte_fallback (SentencePiece style)' if model.get('byte_fallback') else ''}"
-                                     " is not exported; only byte-level BPE tokenizers are")
+        kind = f"{model.get('type')} model" + (" with byte_fallback (SentencePiece style)"
+                                               if model.get("byte_fallback") else "")
+        raise UnsupportedExportError(f"{model_dir}/tokenizer.json: {kind} is not exported; only byte-level BPE "
+                                     "tokenizers (LLaMA-3, Qwen2, SmolLM, GPT-2 style) are")
     pre, warn = detect_pre_tokenizer(spec.get("pre_tokenizer"))
     warnings = [warn] if warn else []
     norm = (spec.get("normalizer") or {}).get("type")

@@ -152,7 +152,8 @@ def card_for_checkpoint(model_dir: str | os.PathLike, *, base_model: str, kind: 
         params_after=metrics.get("params_after", info.get("params_after")),
         layers=config.get("gqaprune_layers"), removed_layers=info.get("removed_layers") or (),
         perplexity=ppl.get(kind), dense_perplexity=ppl.get("dense"), seq_len=metrics.get("seq_len"),
-        tokens_evaluated=metrics.get("tokens_evaluated"), finetune=info.get("finetune") if kind == "finetuned" else None,
+        tokens_evaluated=metrics.get("tokens_evaluated"),
+        finetune=info.get("finetune") if kind == "finetuned" else None,
         gguf_files=gguf_files,
     )
 
