@@ -353,6 +353,10 @@ def test_model_card_is_deterministic(tmp_path, tokenizer):
     assert 'base_model: "HuggingFaceTB/SmolLM2-135M-Instruct"' in front
     assert "  ratio: 0.2\n" in front and '  strategy: "hgsp"' in front and '"wikitext2": 90.2' in front
     assert "| wikitext2 | 90.20 | 55.04 | 1.639x | 4096 |" in text
+    yaml = pytest.importorskip("yaml")
+    meta = yaml.safe_load(front)  # the hub parses the front matter as YAML
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "pruned" in meta["tags"]
+    assert meta["gqaprune"]["perplexity"] == {"wikitext2": 90.2} and meta["gqaprune"]["compensation"] == "lstsq"
     path = write_model_card(folder, text)
     assert path.read_text() == text
     with pytest.raises(ValueError, match="kind"):

@@ -29,7 +29,7 @@ def _q(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return "Infinity" if value == float("inf") else repr(round(value, 6))
+        return ".inf" if value == float("inf") else repr(round(value, 6))  # YAML spells infinity .inf
     return json.dumps(str(value), ensure_ascii=False)
 
 
@@ -94,7 +94,7 @@ def model_card(*, name: str, base_model: str, kind: str = "pruned", model_type: 
         body.append("")
     if plan:
         body += ["## How it was pruned", "", "| setting | value |", "|---|---|"]
-        body += [f"| {k} | {plan[k]} |" for k in PLAN_KEYS if k in plan]
+        body += [f"| {k} | {'null (default)' if plan[k] is None else plan[k]} |" for k in PLAN_KEYS if k in plan]
         if compensation:
             body.append(f"| output compensation | {compensation} |")
         body.append("")
@@ -125,7 +125,7 @@ def model_card(*, name: str, base_model: str, kind: str = "pruned", model_type: 
                      "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; "
                      "llama.cpp runs the GGUF export (`gqaprune export-gguf`).", ""]
     if gguf_files:
-        body += ["## GGUF (llama.cpp, Ollama, LM Studio)", "", "| file | bytes |", "|---|---:|"]
+        body += ["## GGUF (llama.cpp)", "", "| file | bytes |", "|---|---:|"]
         body += [f"| {f} | {gguf_files[f]:,} |" for f in sorted(gguf_files)]
         body += ["", "```bash", f"llama-cli -m {sorted(gguf_files)[0]} -cnv", "```", ""]
     return "\n".join(fm + [""] + body).rstrip("\n") + "\n"
