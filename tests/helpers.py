@@ -61,6 +61,7 @@ def tiny_params(model_dir: Path, data_dir: Path) -> dict:
                      "merge": True, "dtype": "float32", "device": "cpu"},
         "evaluate": {"datasets": ["wikitext2", "ptb"], "seq_len": 64, "max_tokens": 256, "batch_size": 4,
                      "dtype": "float32", "device": "cpu"},
+        "export": {"enabled": True, "source": "auto", "dtype": "f16", "quantize": ["Q8_0"], "ffn_multiple": 32},
     }
 
 

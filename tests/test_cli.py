@@ -51,3 +51,24 @@ def test_ppl_missing_model_is_one_line(project):
     result = runner.invoke(app, ["ppl", "./missing-model", "--device", "cpu"])
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("error: model: model folder") and "Traceback" not in result.stderr
+
+
+def test_export_gguf_command(tmp_path):
+    """`gqaprune export-gguf` writes a GGUF llama.cpp reads back, plus a Q8_0 copy from llama.cpp's quantiser."""
+    from helpers import small_tokenizer
+
+    from gqaprune.random_models import build_model
+    from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+
+    tokenizer = small_tokenizer()
+    model = build_model("tiny-llama-gqa4", vocab_size=len(tokenizer))
+    prune_model(model, {0: LayerKeep(attn=[1], mlp=list(range(0, 96, 2)))})
+    save_pruned(model, tokenizer, tmp_path / "pruned")
+    result = runner.invoke(app, ["export-gguf", str(tmp_path / "pruned"), str(tmp_path / "m.gguf"), "-q", "Q8_0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["arch"] == "deci" and set(map(lambda p: p.split("/")[-1], report["files"])) == {"m.gguf",
+                                                                                                   "m-Q8_0.gguf"}
+    assert (tmp_path / "m-Q8_0.gguf").stat().st_size < (tmp_path / "m.gguf").stat().st_size
+    bad = runner.invoke(app, ["export-gguf", str(tmp_path / "nowhere"), str(tmp_path / "x.gguf")])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error:")

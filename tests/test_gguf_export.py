@@ -109,9 +109,9 @@ def _make(tmp_path: Path, tokenizer, preset: str, spec: dict, extra_bias: bool =
     model = _sharpen(build_model(preset, vocab_size=len(tokenizer) + 20))
     replacements = {}
     if extra_bias:  # FLAP-style bias compensation: o_proj / down_proj gain a bias
-        for (i, which) in ((0, "o"), (1, "down")):
+        for (i, which) in ((0, "attn"), (1, "mlp")):
             layer = model.model.layers[i]
-            old = layer.self_attn.o_proj if which == "o" else layer.mlp.down_proj
+            old = layer.self_attn.o_proj if which == "attn" else layer.mlp.down_proj
             new = nn.Linear(old.in_features, old.out_features, bias=True)
             with torch.no_grad():
                 new.weight.copy_(old.weight)

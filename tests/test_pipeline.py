@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune",
-              "evaluate_dense", "evaluate"}
+              "evaluate_dense", "evaluate", "export"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
@@ -133,7 +133,9 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
                 "artifacts/plan/pruning_analysis.json", "artifacts/pruned/config.json",
                 "artifacts/pruned/model.safetensors", "artifacts/finetune/status.json",
                 "artifacts/finetune/merged/model.safetensors", "metrics/dense.json",
-                "plots/layer_importance.png", "plots/kept_fraction.png", "plots/finetune_loss.png"]:
+                "plots/layer_importance.png", "plots/kept_fraction.png", "plots/finetune_loss.png",
+                "artifacts/export/model-f16.gguf", "artifacts/export/model-Q8_0.gguf", "artifacts/export/README.md",
+                "artifacts/pruned/README.md", "artifacts/finetune/merged/README.md"]:
         assert (root / rel).is_file(), rel
     for png in root.glob("plots/*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -147,6 +149,9 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     assert abs(metrics["ratio_total"] - 0.2) < 0.05
     analysis = json.loads((root / "artifacts/plan/pruning_analysis.json").read_text())
     assert analysis["params_after"] == metrics["params_after"]
+    card = (root / "artifacts/export/README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "model-Q8_0.gguf" in card
+    assert f'"wikitext2": {metrics["ppl"]["finetuned"]["wikitext2"]}' in card  # the measured perplexity
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "baseline results")
 
@@ -169,13 +174,13 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     assert repo.ran("repro", "-f", "-s", "score") == {"score"}
     assert repo.ran("repro") == set()
 
-    # 3. a finetune param re-runs finetune and evaluate only (dense ppl comes from metrics/dense.json)
+    # 3. a finetune param re-runs finetune, evaluate and export only (dense ppl comes from metrics/dense.json)
     params = repo.params()
     params["finetune"]["lr"] = 5.0e-3
     repo.write_params(params)
     status = repo.dvc_("status")
     assert "finetune:" in status and "plan:" not in status, status
-    assert repo.ran("repro") == {"finetune", "evaluate"}
+    assert repo.ran("repro") == {"finetune", "evaluate", "export"}
     tuned = json.loads((root / "metrics/evaluate.json").read_text())
     assert tuned["ppl"]["dense"] == metrics["ppl"]["dense"]
     assert tuned["ppl"]["pruned"] == metrics["ppl"]["pruned"]
@@ -186,7 +191,7 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
 
     # 4. plan.ratio, changed as an experiment: plan, surgery, finetune, evaluate re-run (not prepare,
     # calibrate, score, similarity or evaluate_dense)
-    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"plan", "surgery", "finetune", "evaluate"}
+    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"plan", "surgery", "finetune", "evaluate", "export"}
     experiment = json.loads((root / "metrics/evaluate.json").read_text())
     assert experiment["params_after"] < baseline["params_after"]
     assert experiment["ppl"]["dense"] == baseline["ppl"]["dense"]

@@ -68,3 +68,41 @@ def ppl(
     except Exception as exc:  # noqa: BLE001 - one line, as for the stages
         raise typer.Exit(report_error(exc, None, debugging(debug))) from None
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command("export-gguf")
+def export_gguf_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (dense, pruned or LoRA-merged).")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    dtype: Annotated[str, typer.Option(help="f32, f16 or bf16 for the 2-D weights.")] = "f16",
+    quantize: Annotated[list[str] | None, typer.Option(
+        "--quantize", "-q", help="Also write <out stem>-<TYPE>.gguf with llama.cpp's quantiser (Q8_0, Q4_K_M).")
+    ] = None,
+    ffn_multiple: Annotated[int, typer.Option(
+        help="Quantised files: pad MLP widths with zero channels to a multiple of this (llama.cpp blocks).")] = 32,
+    debug: DebugOption = False,
+) -> None:
+    """Write a checkpoint as GGUF for llama.cpp (per-layer shapes as the `deci` architecture), with its tokenizer."""
+    import json
+
+    try:
+        from .gguf_export import export_gguf, llama_cpp_module, quantize_gguf
+
+        if quantize:
+            llama_cpp_module()
+        report = export_gguf(model, out, dtype)
+        written = {str(out): report.file_bytes}
+        if quantize:
+            padded = out.with_name(f".{out.stem}.padded.gguf")
+            export_gguf(model, padded, dtype, ffn_multiple=ffn_multiple)
+            try:
+                for qtype in quantize:
+                    path = quantize_gguf(padded, out.with_name(f"{out.stem}-{qtype}.gguf"), qtype)
+                    written[str(path)] = path.stat().st_size
+            finally:
+                padded.unlink(missing_ok=True)
+    except Exception as exc:  # noqa: BLE001 - one line, as for the stages
+        raise typer.Exit(report_error(exc, None, debugging(debug))) from None
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(json.dumps({"arch": report.arch, "files": written, "placeholders": report.placeholders}, indent=2))

@@ -45,21 +45,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import atomic_path
+from .errors import GqapruneError
+from .schema import GGUF_DTYPES, GGUF_QUANT_TYPES
+
 log = logging.getLogger(__name__)
 
 #: MLP width (channels) of the zero placeholder written for an emptied MLP whose layer keeps attention.
 #: 32 is the block size of Q8_0 / Q4_0, so the placeholder quantises without a fallback type.
 PLACEHOLDER_FFN = 32
 
-DTYPES = ("f32", "f16", "bf16")
-#: llama.cpp quantisation types offered by :func:`quantize_gguf` (name -> llama_ftype value).
-QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "F16": 1, "BF16": 32}
+DTYPES = GGUF_DTYPES
+QUANT_TYPES = GGUF_QUANT_TYPES
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
-class UnsupportedExportError(ValueError):
+class UnsupportedExportError(GqapruneError, ValueError):
     """The checkpoint (or its tokenizer) uses something the GGUF export cannot express; the message says what."""
 
 
@@ -534,10 +537,6 @@ def choose_arch(geo: Geometry, layers: list[LayerSpec], extra_bias: bool) -> str
     return "llama"
 
 
-def _tmp_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
 def _to_numpy(t: torch.Tensor, qtype: int) -> np.ndarray:
     """float32 data -> the bytes of GGML type ``qtype`` (F32, F16 or BF16) as a numpy array of the same shape."""
     from gguf import GGMLQuantizationType as Q
@@ -633,26 +632,21 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
         nbytes = int(np.prod(t.shape)) * (4 if t.qtype == gguf.GGMLQuantizationType.F32 else 2)
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32 if t.qtype == gguf.GGMLQuantizationType.F32
                                                          else np.float16), nbytes, raw_dtype=t.qtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(out)
     try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            data = t.make()
-            if dtype == "f16" and t.qtype == gguf.GGMLQuantizationType.F16 and data.abs().max() > 65504:
-                raise UnsupportedExportError(f"tensor {t.name} has values beyond float16's range (65504); "
-                                             "export with --dtype bf16 or f32")
-            writer.write_tensor_data(_to_numpy(data, t.qtype))
-            del data
-        writer.close()
-        os.replace(tmp, out)  # a new inode: never writes through a hard link at ``out``
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(out) as tmp:  # a new inode: never writes through a hard link at ``out``
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:
+                data = t.make()
+                if dtype == "f16" and t.qtype == gguf.GGMLQuantizationType.F16 and data.abs().max() > 65504:
+                    raise UnsupportedExportError(f"tensor {t.name} has values beyond float16's range (65504); "
+                                                 "export with --dtype bf16 or f32")
+                writer.write_tensor_data(_to_numpy(data, t.qtype))
+                del data
+            writer.close()
     finally:
+        writer.close()
         ckpt.close()
     placeholders = [f"layer {s.index}: zero attention (1 KV group) for an emptied attention in layer 0"
                     for s in layers if s.attn_placeholder]
@@ -692,15 +686,10 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = nthread
-    tmp = _tmp_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama.cpp could not quantise {src} to {qtype} (return code {rc}); see its log above")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 

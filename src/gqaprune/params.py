@@ -22,7 +22,7 @@ import yaml
 
 from .corpora import calibration_corpora, evaluation_corpora, instruction_corpora
 from .errors import GqapruneError
-from .schema import METRICS
+from .schema import GGUF_DTYPES, GGUF_QUANT_TYPES, METRICS
 
 DTYPES = ("float32", "bfloat16", "float16")
 COMPENSATIONS = ("none", "bias", "lstsq")
@@ -390,6 +390,34 @@ class EvaluateParams(Section):
 
 
 @dataclass(frozen=True)
+class ExportParams(Section):
+    """GGUF export for llama.cpp of the recovered (or pruned) checkpoint, with its model card.
+
+    ``source``: ``auto`` (the merged LoRA-recovered model when finetune made one, else the pruned one),
+    ``finetuned`` or ``pruned``. ``dtype`` of the main file's 2-D weights; ``quantize``: llama.cpp types
+    made from it by llama.cpp's own quantiser (needs llama-cpp-python); the quantised files' MLP widths
+    are padded with zero channels to a multiple of ``ffn_multiple`` so that llama.cpp quantises every
+    matrix (its blocks are 32 wide). ``base_model``: the hub id for the model card (null: the prepared
+    model's).
+    """
+
+    section: ClassVar[str] = "export"
+    enabled: bool = True
+    source: str = "auto"
+    dtype: str = "f16"
+    quantize: list[str] = field(default_factory=lambda: ["Q8_0"])
+    ffn_multiple: int = 32
+    base_model: str | None = None
+
+    def rules(self):
+        bad = [q for q in self.quantize if q not in GGUF_QUANT_TYPES]
+        return [_choice(self.source, ("auto", "finetuned", "pruned"), self.key("source")),
+                _choice(self.dtype, GGUF_DTYPES, self.key("dtype")),
+                _rule(not bad, self.key("quantize"), f"a list of {list(GGUF_QUANT_TYPES)}", self.quantize),
+                _rule(self.ffn_multiple >= 1, self.key("ffn_multiple"), ">= 1", self.ffn_multiple)]
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -403,6 +431,7 @@ class Params:
     surgery: SurgeryParams = field(default_factory=SurgeryParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def sections(self) -> list[Section]:
         """Every section, in file order."""

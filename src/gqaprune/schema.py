@@ -57,3 +57,8 @@ class ParamCounts:
     def to_dict(self) -> dict:
         """Plain-dict form, for JSON."""
         return asdict(self)
+
+#: storage types of a GGUF export's 2-D weights
+GGUF_DTYPES = ("f32", "f16", "bf16")
+#: llama.cpp quantisation types offered by :func:`gqaprune.gguf_export.quantize_gguf` (name -> llama_ftype value)
+GGUF_QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "F16": 1, "BF16": 32}

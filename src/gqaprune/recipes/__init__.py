@@ -12,6 +12,7 @@ Layout (every path is a DVC output; the recipes write them through :class:`~gqap
                                                      layer_summary.csv, pruning_analysis.json
     artifacts/pruned/                   surgery      pruned checkpoint
     artifacts/finetune/                 finetune     adapter/, merged/ (when asked), status.json
+    artifacts/export/                   export       model-<dtype>.gguf, model-<quant>.gguf, README.md (card)
     metrics/*.json, plots/*             metrics and plots for ``dvc exp show`` / ``dvc plots``
     artifacts/logs/<stage>.log          every stage's log (not an output)
 
@@ -35,6 +36,7 @@ SIMILARITY_DIR = Path("artifacts/similarity")
 PLAN_DIR = Path("artifacts/plan")
 PRUNED_DIR = Path("artifacts/pruned")
 FINETUNE_DIR = Path("artifacts/finetune")
+EXPORT_DIR = Path("artifacts/export")
 LOG_DIR = Path("artifacts/logs")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
@@ -71,6 +73,8 @@ _TABLE = [  # name, summary, params sections, outputs (its metrics file added), 
      (P.EvaluateParams,), (DENSE_PPL,), ()),
     ("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
      (P.EvaluateParams,), (), ()),
+    ("export", "GGUF export (and llama.cpp-quantised copies) of the recovered model, with its model card.",
+     (P.ExportParams,), (EXPORT_DIR,), ()),
 ]
 STAGES: dict[str, StageInfo] = {
     name: StageInfo(summary, sections, (

@@ -8,12 +8,13 @@ from ..artifacts import StageOutputs, write_csv, write_json
 from ..data import load_instructions
 from ..distributed import DistContext
 from ..finetune import finetune_lora, save_adapter
+from ..modelcard import card_for_checkpoint, write_model_card
 from ..params import Params
 from ..placement import load_model
 from ..plots import plot_finetune_loss
 from ..surgery import save_pruned
 from . import CORPORA_DIR, FINETUNE_DIR, PLOTS_DIR, PRUNED_DIR
-from .records import Timer, stage_metrics
+from .records import Timer, model_meta, stage_metrics
 
 
 def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
@@ -40,6 +41,10 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
             save_pruned(peft_model, tokenizer, out(FINETUNE_DIR / "merged"), info, ctx=ctx)
     if not ctx.is_main:  # the main rank writes the rest
         return
+    merged = out(FINETUNE_DIR / "merged")
+    if merged.is_dir():
+        base = model_meta().get("base_model") or "unknown"
+        write_model_card(merged, card_for_checkpoint(merged, base_model=base, kind="finetuned", name="merged"))
     write_json(out(FINETUNE_DIR / "status.json"), {"enabled": f.enabled, "steps": len(loss_rows)})
     losses = pd.DataFrame(loss_rows, columns=["step", "loss", "lr"])
     write_csv(out(PLOTS_DIR / "finetune_loss.csv"), losses)

@@ -25,6 +25,7 @@ from ..groups import parameter_counts
 from ..hub import hub_reachable
 from ..modelio import (
     _ST_DTYPE,
+    base_model_id,
     check_model_folder,
     classify_source,
     convert_embedded,
@@ -104,8 +105,9 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
     adapter = get_adapter(config)
     geometry = adapter.geometry(config)
     counts = parameter_counts(meta_model(config, p.trust_remote_code), adapter, geometry)
-    info = {"source": p.model, "fingerprint": fp, "geometry": geometry.to_dict(), "params": counts.to_dict(),
-            "referenced": bool(reference), "corpora": written, "gqaprune_version": __version__}
+    info = {"source": p.model, "base_model": base_model_id(kind, spec, config), "fingerprint": fp,
+            "geometry": geometry.to_dict(), "params": counts.to_dict(), "referenced": bool(reference),
+            "corpora": written, "gqaprune_version": __version__}
     write_json(out(MODEL_INFO), info)
     log.info("model %s: %s parameters, fingerprint %s", p.model, f"{counts.total:,}", fp)
     stage_metrics(out, "prepare", timer, {"params_total": counts.total, "referenced": bool(reference)})

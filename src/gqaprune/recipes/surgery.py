@@ -10,6 +10,7 @@ from ..artifacts import ArtifactMismatchError, StageOutputs, read_json
 from ..compensation import compensate
 from ..distributed import DistContext
 from ..groups import parameter_counts
+from ..modelcard import card_for_checkpoint, write_model_card
 from ..params import Params
 from ..schema import LayerKeep
 from ..surgery import pruned_layout, save_pruned
@@ -53,6 +54,9 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
             "params_before": meta["params"]["total"], "params_after": counts.total}
     with timer.phase("save"):
         save_pruned(model, tokenizer, out(PRUNED_DIR), info, keep, replacements, ctx, layout_=layout)
+    if ctx.is_main:
+        write_model_card(out(PRUNED_DIR), card_for_checkpoint(out(PRUNED_DIR), base_model=meta.get("base_model")
+                                                              or "unknown", kind="pruned", name=PRUNED_DIR.name))
     log.info("pruned model: %s parameters, %d layers (removed %s), standard config: %s",
              f"{counts.total:,}", len(report.kept_layers), report.removed_layers, report.uniform)
     if ctx.is_main:
