@@ -16,6 +16,19 @@ Protocol (see also :mod:`gqaprune.data`):
   ``exp(cat(nlls).mean())``. As every window has the same length this also equals
   ``exp(mean over windows of the per-window mean loss)``. Sums are accumulated in float64, the
   cross-entropy is computed in float32 whatever the model's dtype.
+
+Windows over the whole split (``spread=True``): instead of the first ``max_tokens // seq_len``
+windows, ``n = max_tokens // seq_len`` windows are taken evenly spread over all the split's full
+windows (:func:`spread_windows`: indices ``round(linspace(0, n_full - 1, n))`` of the same
+non-overlapping grid), so a capped evaluation samples every article, and all windows is the full
+evaluation. Each window's NLL is kept (:attr:`PerplexityResult.window_nll`), so the standard error
+of the log-perplexity (mean over windows of the per-window mean NLL) is
+``std(window means, ddof=1) / sqrt(n)`` (:attr:`PerplexityResult.log_ppl_se`); it treats windows as
+independent draws (neighbouring windows of one article are not quite, so it is a lower bound).
+
+Speed (CPU): the logits are never materialised as ``[batch, seq_len, vocab]`` float32: the decoder
+returns final hidden states and the LM head + cross-entropy run on ``head_chunk`` rows at a time
+(:func:`window_nlls`); the result equals the full-logits path to float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +45,8 @@ from tqdm.auto import tqdm
 
 from gqaprune import data
 
-__all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "perplexity"]
+__all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "eval_windows", "perplexity", "spread_windows",
+           "window_nlls"]
 
 # (tokenizer fingerprint, dataset, split, data dir) -> token ids [n_tokens] (torch.long, CPU)
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
@@ -52,6 +66,8 @@ class PerplexityResult:
         n_windows: number of windows evaluated.
         seq_len: window length in tokens.
         capped: True when ``max_tokens`` left out some of the full windows.
+        spread: True when the windows were spread evenly over the split (else the first ones).
+        window_nll: mean NLL (nats) of each evaluated window, in window order.
     """
 
     dataset: str
@@ -61,6 +77,23 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     capped: bool
+    spread: bool = False
+    window_nll: tuple[float, ...] = ()
+
+    @property
+    def log_ppl(self) -> float:
+        """ln(ppl): the mean over windows of the per-window mean NLL."""
+        return math.log(self.ppl)
+
+    @property
+    def log_ppl_se(self) -> float:
+        """Standard error of :attr:`log_ppl` over windows (nan with fewer than 2 windows)."""
+        n = len(self.window_nll)
+        if n < 2:
+            return float("nan")
+        mean = sum(self.window_nll) / n
+        var = sum((x - mean) ** 2 for x in self.window_nll) / (n - 1)
+        return math.sqrt(var / n)
 
 
 def _tokenizer_key(tokenizer) -> tuple:
@@ -89,6 +122,84 @@ def _input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def spread_windows(n_full: int, n_windows: int) -> torch.Tensor:
+    """Indices of ``n_windows`` of ``n_full`` grid windows, evenly spread (first and last included)."""
+    if n_windows >= n_full:
+        return torch.arange(n_full)
+    if n_windows == 1:
+        return torch.zeros(1, dtype=torch.long)
+    idx = torch.linspace(0, n_full - 1, n_windows, dtype=torch.float64).round().long()
+    return torch.unique(idx)  # strictly increasing: n_windows < n_full keeps them distinct
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, spread: bool = False
+                 ) -> tuple[torch.Tensor, int]:
+    """The evaluated windows ``[n, seq_len]`` of a token stream and the number of full windows.
+
+    ``max_tokens`` keeps ``max_tokens // seq_len`` windows: the first ones, or evenly spread over the
+    whole stream with ``spread``; None keeps them all.
+    """
+    n_full = ids.numel() // seq_len
+    grid = ids[: n_full * seq_len].view(n_full, seq_len)
+    if max_tokens is None:
+        return grid, n_full
+    n = min(n_full, max_tokens // seq_len)
+    if spread:
+        return grid[spread_windows(n_full, n)], n_full
+    return grid[:n], n_full
+
+
+def _decoder_and_head(model):
+    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, or None when not split that way."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    decoder = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    # a peft wrapper injects LoRA into the decoder's own modules, so the base decoder still applies it
+    return decoder, head
+
+
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
+                head_chunk: int = 1024, progress: bool = False, desc: str = "ppl") -> torch.Tensor:
+    """Mean next-token NLL (nats, float64) of each window ``[n, seq_len]`` -> ``[n]``.
+
+    Runs the decoder for final hidden states and applies the LM head and cross-entropy ``head_chunk``
+    rows at a time (float32 logits), so no ``[batch, seq_len, vocab]`` tensor is built. Models that
+    cannot be split into decoder + head fall back to ``.logits``. Eval mode for the call.
+    """
+    device = _input_device(model) if device is None else torch.device(device)
+    split = _decoder_and_head(model)
+    out = torch.empty(windows.shape[0], dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size].to(device)  # [b, T]
+                b, t = batch.shape
+                labels = batch[:, 1:].reshape(-1)  # [b*(T-1)]
+                if split is None:
+                    logits = model(input_ids=batch, use_cache=False).logits  # [b, T, V]
+                    hidden, head = logits[:, :-1].reshape(b * (t - 1), -1), None
+                else:
+                    decoder, head = split
+                    h = decoder(input_ids=batch, use_cache=False).last_hidden_state  # [b, T, H]
+                    hidden = h[:, :-1].reshape(b * (t - 1), -1)  # [b*(T-1), H]
+                nll = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
+                for r in range(0, hidden.shape[0], head_chunk):
+                    rows = hidden[r : r + head_chunk]
+                    logits = (rows if head is None else head(rows)).float()  # [chunk, V]
+                    nll[r : r + head_chunk] = F.cross_entropy(logits, labels[r : r + head_chunk].to(logits.device),
+                                                              reduction="none")
+                out[start : start + b] = nll.view(b, t - 1).double().mean(1).cpu()
+                bar.update(b)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def perplexity(
     model,
     tokenizer,
@@ -98,6 +209,8 @@ def perplexity(
     max_tokens: int | None = None,
     device: str | torch.device | None = None,
     data_dir: str | os.PathLike | None = None,
+    spread: bool = False,
+    head_chunk: int = 1024,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a corpus' evaluation split (protocol: module docstring).
 
@@ -113,6 +226,9 @@ def perplexity(
         device: where input ids are sent; default the device of the model's input embeddings. The
             model itself is not moved.
         data_dir: local mirror directory (else ``$GQAPRUNE_DATA_DIR``, else the hub).
+        spread: with ``max_tokens``, take the windows evenly spread over the whole split instead of
+            the first ones (:func:`spread_windows`).
+        head_chunk: rows of the LM head + cross-entropy computed at once (:func:`window_nlls`).
 
     Returns:
         :class:`PerplexityResult`.
@@ -129,41 +245,21 @@ def perplexity(
     n_full = ids.numel() // seq_len  # full windows; the partial tail is dropped
     if n_full == 0:
         raise ValueError(f"{dataset} {split!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}")
-    n_windows = n_full
-    if max_tokens is not None:
-        if max_tokens < seq_len:
-            raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
-        n_windows = min(n_full, max_tokens // seq_len)
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [n_windows, seq_len]
-
-    device = _input_device(model) if device is None else torch.device(device)
-    total_nll = 0.0  # float64 sum of per-token NLLs, nats
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=n_windows, desc=f"ppl {dataset}", unit="win") as bar:
-            for start in range(0, n_windows, batch_size):
-                batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
-                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
-                labels = batch[:, 1:].to(logits.device)  # [b, seq_len - 1]
-                for row in range(batch.shape[0]):  # one row at a time bounds the float32 copy
-                    nll = F.cross_entropy(
-                        logits[row, :-1].float(), labels[row], reduction="none"
-                    )  # [seq_len - 1], nats
-                    total_nll += nll.double().sum().item()
-                bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
-
-    n_predicted = n_windows * (seq_len - 1)
+    if max_tokens is not None and max_tokens < seq_len:
+        raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
+    windows, _ = eval_windows(ids, seq_len, max_tokens, spread)  # [n_windows, seq_len]
+    n_windows = windows.shape[0]
+    nll = window_nlls(model, windows, batch_size, device, head_chunk, progress=True, desc=f"ppl {dataset}")
     return PerplexityResult(
         dataset=dataset,
         split=split,
-        ppl=math.exp(total_nll / n_predicted),
+        ppl=math.exp(float(nll.mean())),
         n_tokens=n_windows * seq_len,
         n_windows=n_windows,
         seq_len=seq_len,
         capped=n_windows < n_full,
+        spread=bool(spread and n_windows < n_full),
+        window_nll=tuple(nll.tolist()),
     )
 
 
