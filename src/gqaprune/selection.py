@@ -152,6 +152,7 @@ def select_allocation(
     batch_size: int = 8,
     keep_model: bool = False,
     log: Callable[[dict], None] | None = None,
+    audit: dict[str, DenseReference] | None = None,
 ) -> Selection:
     """Build each candidate's plan at ``base.ratio``, prune a copy with ``prune``, keep the best by ``criterion``.
 
@@ -167,6 +168,8 @@ def select_allocation(
             similarity table and there is none) is skipped and reported with its error.
         criterion: ``"kl"`` (to the dense model) or ``"nll"`` (of the held-out text).
         keep_model: also return the chosen pruned model (saves pruning it again).
+        audit: more held-out sets (e.g. other corpora's calibration splits); each candidate's KL and NLL
+            on them are reported as ``<name>_kl`` / ``<name>_nll`` columns, never used for the choice.
 
     Returns:
         :class:`Selection`.
@@ -188,6 +191,9 @@ def select_allocation(
             continue
         model = prune(dense, plan)
         values = heldout_criteria(model, ref, batch_size)
+        for name, extra in (audit or {}).items():
+            v = heldout_criteria(model, extra, batch_size)
+            row.update({f"{name}_kl": v["kl"], f"{name}_nll": v["nll"]})
         row.update(values, params_removed=plan.analysis["params_removed"],
                    removed_layers=len(plan.analysis["removed_layers"]), seconds=round(time.perf_counter() - t0, 1))
         rows.append(row)
