@@ -141,6 +141,8 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Evaluation windows per forward.")] = 16,
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
+    tag: Annotated[str, typer.Option(help="Suffix of this run's files (several runs can share --out).")] = "main",
+    reuse_scores: Annotated[bool, typer.Option(help="Load scores/similarity from --out when present.")] = False,
 ) -> None:
     """Every strategy and the adaptive default at every ratio, on windows spread over the test splits."""
     torch.set_num_threads(threads)
@@ -150,22 +152,28 @@ def run(
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
-    for f in ("results.csv", "windows.parquet", "selection.csv"):
-        (out / f).unlink(missing_ok=True)
+    files = {k: out / f"{k}_{tag}.{ext}" for k, ext in
+             (("results", "csv"), ("windows", "parquet"), ("selection", "csv"), ("meta", "json"))}
+    for f in files.values():
+        f.unlink(missing_ok=True)
     started = time.perf_counter()
     dense, tokenizer, geometry, counts, samples, held = _setup(model, data_dir, n_samples, seq_len,
                                                                gradient_batch_size, heldout_n)
     t0 = time.perf_counter()
-    scores = score_groups(dense, samples, metrics=METRICS, gradient_batch_size=gradient_batch_size)
-    sim = block_similarity(dense, samples)
+    if reuse_scores and (out / "scores.parquet").exists():
+        scores, sim = pd.read_parquet(out / "scores.parquet"), pd.read_parquet(out / "similarity.parquet")
+    else:
+        scores = score_groups(dense, samples, metrics=METRICS, gradient_batch_size=gradient_batch_size)
+        sim = block_similarity(dense, samples)
     stats = collect_stats(dense, samples, list(range(geometry.num_layers)))
     import copy
 
     dense_eval = cast(copy.deepcopy(dense))
     refs = {name: dense_reference(dense_eval, w) for name, w in held.items()}
     prep_s = time.perf_counter() - t0
-    scores.to_parquet(out / "scores.parquet", index=False)
-    sim.to_parquet(out / "similarity.parquet", index=False)
+    if not (reuse_scores and (out / "scores.parquet").exists()):
+        scores.to_parquet(out / "scores.parquet", index=False)
+        sim.to_parquet(out / "similarity.parquet", index=False)
     (out / "plans").mkdir(exist_ok=True)
     evaluator = Evaluator(tokenizer, [d for d in datasets.split(",") if d], seq_len, eval_windows_n, data_dir,
                           batch_size)
@@ -182,9 +190,9 @@ def run(
             "torch_threads": torch.get_num_threads(), "eval_dtype": eval_dtype}
     dense_row = {"strategy": "dense", "ratio": 0.0, "params": counts.total, **_summary(nll)}
     meta["dense"] = dense_row
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    _append(out / "results.csv", [dense_row])
-    _save_windows(out / "windows.parquet", {"strategy": "dense", "ratio": 0.0}, nll)
+    files["meta"].write_text(json.dumps(meta, indent=2))
+    _append(files["results"], [dense_row])
+    _save_windows(files["windows"], {"strategy": "dense", "ratio": 0.0}, nll)
     base_plan = dict(STRATEGIES["ours"].plan)
     for ratio in [float(r) for r in ratios.split(",") if r]:
         # --- the adaptive default ---------------------------------------------------------------
@@ -217,7 +225,7 @@ def run(
         table["compensation_oneshot_nll"] = crit["oneshot"]["nll"]
         table["compensation_sequential_nll"] = crit["sequential"]["nll"]
         table["compensation_chosen"] = comp
-        table.to_csv(out / "selection.csv", mode="a", header=not (out / "selection.csv").exists(), index=False)
+        table.to_csv(files["selection"], mode="a", header=not files["selection"].exists(), index=False)
         chosen = seq if comp == "sequential" else oneshot
         (out / "plans" / f"auto_{ratio:g}.json").write_text(json.dumps({
             "ratio": ratio, "choice": sel.choice.name, "plan": sel.choice.plan, "compensation": comp,
@@ -239,8 +247,8 @@ def run(
                    "eval_s": round(time.perf_counter() - t, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            _save_windows(out / "windows.parquet", {"strategy": label, "ratio": ratio}, nll)
-        _append(out / "results.csv", rows)
+            _save_windows(files["windows"], {"strategy": label, "ratio": ratio}, nll)
+        _append(files["results"], rows)
         del oneshot, seq, chosen
         # --- peers and variants -----------------------------------------------------------------
         for name in names:
@@ -255,16 +263,16 @@ def run(
                    "heldout_kl": kl, "removed_layers": len(plan.analysis["removed_layers"]),
                    "seconds": round(time.perf_counter() - t, 1)}
             print(json.dumps(row), flush=True)
-            _append(out / "results.csv", [row])
-            _save_windows(out / "windows.parquet", {"strategy": name, "ratio": ratio}, nll)
+            _append(files["results"], [row])
+            _save_windows(files["windows"], {"strategy": name, "ratio": ratio}, nll)
             del pruned
     meta["total_s"] = round(time.perf_counter() - started, 1)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    files["meta"].write_text(json.dumps(meta, indent=2))
 
 
 def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, seq_len: int = 128):
     """The pruned model of one recorded row (``auto`` from its saved plan, a strategy from the saved scores)."""
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
     dense, tokenizer = load_model(model)
     geometry = get_adapter(dense.config).geometry(dense.config)
     samples = calibration_samples(tokenizer, "wikitext2", None, meta["n_samples"], seq_len, 0, data_dir=data_dir)
@@ -291,6 +299,15 @@ def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, 
     return dense, tokenizer, pruned, samples
 
 
+def read_results(out: Path, kind: str = "results") -> pd.DataFrame:
+    """All runs' rows of one kind (``results_<tag>.csv``), dense once."""
+    frames = [pd.read_csv(f) for f in sorted(out.glob(f"{kind}_*.csv"))]
+    frame = pd.concat(frames, ignore_index=True)
+    if "strategy" in frame:
+        frame = frame.drop_duplicates(subset=["strategy", "ratio"], keep="first")
+    return frame
+
+
 def best_other(frame: pd.DataFrame, ratio: float, datasets: list[str]) -> str:
     """The non-auto row with the lowest mean log-perplexity over ``datasets`` at ``ratio``."""
     rows = frame[(frame["ratio"] == ratio) & ~frame["strategy"].str.startswith("auto") & (frame["strategy"] != "dense")]
@@ -312,7 +329,7 @@ def full(
     """The default (auto) and the best other row of each ratio on every window of the test splits."""
     torch.set_num_threads(threads)
     cast = _caster(eval_dtype)
-    frame = pd.read_csv(out / "results.csv")
+    frame = read_results(out)
     names = [d for d in datasets.split(",") if d]
     for ratio in [float(r) for r in ratios.split(",") if r]:
         for strategy in ("auto", best_other(frame, ratio, ["wikitext2", "ptb", "c4"])):
@@ -373,7 +390,7 @@ def recovery(
 
     torch.set_num_threads(threads)
     cast = _caster(eval_dtype)
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
     dense, tokenizer, pruned, samples = _rebuild(out, model, data_dir, ratio, "auto")
     seq_len = 128
     held = heldout_windows(tokenizer, "wikitext2", None, 16, seq_len, meta["n_samples"], seq_len, 0, data_dir=data_dir)
