@@ -99,8 +99,11 @@ def _summary(nlls: dict[str, np.ndarray]) -> dict:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
+    """Append rows to a CSV, rewriting it whole so rows with new columns keep a right header."""
     frame = pd.DataFrame(rows)
-    frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+    if path.exists():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    frame.to_csv(path, index=False)
 
 
 def _save_windows(path: Path, key: dict, nlls: dict[str, np.ndarray]) -> None:
@@ -225,7 +228,7 @@ def run(
         table["compensation_oneshot_nll"] = crit["oneshot"]["nll"]
         table["compensation_sequential_nll"] = crit["sequential"]["nll"]
         table["compensation_chosen"] = comp
-        table.to_csv(files["selection"], mode="a", header=not files["selection"].exists(), index=False)
+        _append(files["selection"], table.to_dict("records"))
         chosen = seq if comp == "sequential" else oneshot
         (out / "plans" / f"auto_{ratio:g}.json").write_text(json.dumps({
             "ratio": ratio, "choice": sel.choice.name, "plan": sel.choice.plan, "compensation": comp,
@@ -442,6 +445,160 @@ def recovery(
     row = {"method": "none", "ratio": ratio, "budget_s": 0, "train_s": 0, "steps": 0,
            "heldout_kl": heldout_criteria(base, ref)["kl"], **_summary(evaluator(base))}
     _append(out / "recovery.csv", [row])
+
+
+def _cell(r, d: str, dense: dict, bold: bool = False) -> str:
+    text = f"{r[d]:.2f} ({r[d] / dense[d]:.2f}x) ±{r[f'{d}_se']:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def _paired(windows: pd.DataFrame, a: str, b: str, ratio: float, d: str) -> tuple[float, float]:
+    """Mean and SE over windows of NLL(a) - NLL(b) (nats), same windows."""
+    def get(s):
+        row = windows[(windows["strategy"] == s) & (windows["ratio"] == ratio) & (windows["dataset"] == d)]
+        return np.asarray(row["nll"].iloc[0], dtype=np.float64)
+
+    x = get(a) - get(b)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+@app.command()
+def markdown(
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("benchmarks/results/quality2_smollm2"),
+    doc: Annotated[Path, typer.Option(help="The Markdown file written.")] = Path("benchmarks/QUALITY.md"),
+    notes: Annotated[Path, typer.Option(help="Hand-written text placed before the generated tables.")] = Path(
+        "benchmarks/quality_notes.md"),
+) -> None:
+    """Regenerate QUALITY.md: the notes, then every table from the recorded results."""
+    frame = read_results(out)
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
+    datasets = meta["datasets"]
+    dense = frame[frame["strategy"] == "dense"].iloc[0]
+    windows = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("windows_*.parquet"))], ignore_index=True)
+    windows = windows.drop_duplicates(subset=["strategy", "ratio", "dataset"], keep="first")
+    lines = [notes.read_text().rstrip() if notes.exists() else "# Quality benchmark", ""]
+    lines += ["## Generated tables", "",
+              f"Model `{meta['model']}` ({meta['params_total']:,} parameters); calibration {meta['calibration']}; "
+              f"held-out {meta['heldout']}; selection criterion `{meta['criterion']}`. Evaluation: "
+              f"{meta['eval_windows']} windows of {meta['seq_len']} tokens spread evenly over each whole test split "
+              f"(of {', '.join(f'{d} {n:,}' for d, n in meta['full_windows'].items())} windows), weights in "
+              f"{meta['eval_dtype']}. Cells: perplexity (x dense) ±SE of the log-perplexity (nats, over windows); "
+              "bold: lowest of the ratio.", ""]
+    lines += ["### Every strategy at every ratio", "",
+              "| ratio | strategy | params | " + " | ".join(datasets) + " |",
+              "|---|---|---:|" + "---:|" * len(datasets),
+              "| 0% | dense | {:,} | ".format(int(dense["params"])) + " | ".join(
+                  f"{dense[d]:.2f} ±{dense[f'{d}_se']:.3f}" for d in datasets) + " |"]
+    ratios = sorted(r for r in frame["ratio"].unique() if r > 0)
+    verdicts = []
+    for ratio in ratios:
+        rows = frame[(frame["ratio"] == ratio)].copy()
+        rows["_mean"] = rows[[f"{d}_logppl" for d in datasets]].mean(axis=1)
+        rows = rows.sort_values("_mean")
+        best = {d: rows[f"{d}_logppl"].min() for d in datasets}
+        for r in rows.to_dict("records"):
+            name = r["strategy"] + (f" ({r['choice']}, {r['compensation']})" if str(r.get("choice", "nan")) != "nan"
+                                    else "")
+            cells = " | ".join(_cell(r, d, dense, r[f"{d}_logppl"] == best[d]) for d in datasets)
+            lines.append(f"| {ratio:.0%} | {name} | {int(r['params']):,} | {cells} |")
+        auto = rows[rows["strategy"] == "auto"].iloc[0]
+        # the target: auto against every other strategy (its own compensation twin excluded)
+        others = rows[~rows["strategy"].isin(["auto", "auto-oneshot", "auto-sequential"])]
+        for d in datasets:
+            o = others.loc[others[f"{d}_logppl"].idxmin()]
+            diff, se = _paired(windows, "auto", o["strategy"], ratio, d)
+            gap = auto[f"{d}_logppl"] - o[f"{d}_logppl"]
+            ok = gap <= 0 or gap <= o[f"{d}_se"]
+            verdicts.append(f"| {ratio:.0%} | {d} | {auto[d]:.2f} ±{auto[f'{d}_se']:.3f} | {o['strategy']} "
+                            f"{o[d]:.2f} ±{o[f'{d}_se']:.3f} | {diff:+.3f} ±{se:.3f} | "
+                            f"{'met' if ok else 'not met'} |")
+    lines += ["", "### Target: the default (auto) against the best other strategy", "",
+              "Best other = the lowest of the peers and our fixed variants on that corpus. Paired difference = mean "
+              "over the same windows of NLL(auto) - NLL(other), nats, ±its SE. Met = auto lower, or higher by at "
+              "most one SE of the best other row's log-perplexity.", "",
+              "| ratio | corpus | auto | best other | paired diff (nats) | target |", "|---|---|---:|---:|---:|---|",
+              *verdicts]
+    sel_files = sorted(out.glob("selection_*.csv"))
+    if sel_files:
+        sel = pd.concat([pd.read_csv(f) for f in sel_files], ignore_index=True).sort_values(["ratio"])
+        lines += ["", "### Allocation selection on held-out calibration windows (one-shot least squares)", "",
+                  "KL: mean KL(dense || pruned) per token; NLL: mean NLL; wikitext2 = held-out WikiText-2 validation "
+                  "windows (the criterion); ptb / c4 columns = PTB-train and C4-calibration windows, used only to "
+                  "audit the criterion. Chosen by KL (bold).", "",
+                  "| ratio | candidate | KL | NLL | ptb KL | ptb NLL | c4 KL | c4 NLL | s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        audit = []
+        for ratio, g in sel.groupby("ratio"):
+            for r in g.to_dict("records"):
+                name = f"**{r['candidate']}**" if r["chosen"] else r["candidate"]
+                lines.append(f"| {ratio:.0%} | {name} | {r['kl']:.4f} ±{r['kl_se']:.4f} | {r['nll']:.4f} | "
+                             f"{r['ptb_kl']:.4f} | {r['ptb_nll']:.4f} | {r['c4_kl']:.4f} | {r['c4_nll']:.4f} | "
+                             f"{r['seconds']:.0f} |")
+            by = {c: g.loc[g[c].idxmin(), "candidate"] for c in ("kl", "nll")}
+            other = {c: g.set_index("candidate").loc[by[c], ["ptb_nll", "c4_nll"]].mean() for c in by}
+            audit.append(f"| {ratio:.0%} | {by['kl']} | {by['nll']} | {other['kl']:.4f} | {other['nll']:.4f} |")
+        lines += ["", "Criterion audit: the candidate each criterion picks on WikiText-2 held-out windows, and that "
+                  "pick's mean NLL on the PTB-train and C4-calibration windows (lower = the criterion's choice "
+                  "carries better to other text).", "",
+                  "| ratio | KL picks | NLL picks | its ptb/c4 NLL (KL) | its ptb/c4 NLL (NLL) |",
+                  "|---|---|---|---:|---:|", *audit]
+        comp = sel.drop_duplicates("ratio")
+        lines += ["", "### Sequential vs one-shot compensation (the chosen plan, same calibration data)", "",
+                  "Held-out KL / NLL on WikiText-2 validation windows; test log-perplexities from the rows "
+                  "`auto-oneshot` and `auto-sequential` above (paired difference sequential - one-shot).", "",
+                  "| ratio | KL one-shot | KL sequential | NLL one-shot | NLL sequential | chosen | "
+                  + " | ".join(f"{d} diff (nats)" for d in datasets) + " |",
+                  "|---|---:|---:|---:|---:|---|" + "---:|" * len(datasets)]
+        for r in comp.to_dict("records"):
+            diffs = []
+            for d in datasets:
+                m, se = _paired(windows, "auto-sequential", "auto-oneshot", r["ratio"], d)
+                diffs.append(f"{m:+.3f} ±{se:.3f}")
+            lines.append(f"| {r['ratio']:.0%} | {r['compensation_oneshot_kl']:.4f} | "
+                         f"{r['compensation_sequential_kl']:.4f} | {r['compensation_oneshot_nll']:.4f} | "
+                         f"{r['compensation_sequential_nll']:.4f} | {r['compensation_chosen']} | "
+                         + " | ".join(diffs) + " |")
+    rec_files = sorted(out.glob("recovery*.csv"))
+    rec_files = [f for f in rec_files if not f.name.startswith("recovery_curve")]
+    if rec_files:
+        rec = pd.concat([pd.read_csv(f) for f in rec_files], ignore_index=True)
+        lines += ["", "### Recovery at equal wall time", "",
+                  "| ratio | method | budget s | trained s | steps | held-out KL | " + " | ".join(datasets) + " |",
+                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]
+        for r in rec.to_dict("records"):
+            lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['budget_s']:.0f} | {r['train_s']:.0f} | "
+                         f"{int(r['steps'])} | {r['heldout_kl']:.4f} | "
+                         + " | ".join(_cell(r, d, dense) for d in datasets) + " |")
+    if (out / "full.csv").exists():
+        full_rows = pd.read_csv(out / "full.csv")
+        ds = [d for d in datasets if f"{d}_logppl" in full_rows]
+        fdense = full_rows[full_rows["strategy"] == "dense"]
+        lines += ["", "### Full test sets (every window)", "",
+                  "| ratio | strategy | " + " | ".join(f"{d} (windows)" for d in ds) + " |",
+                  "|---|---|" + "---:|" * len(ds)]
+        for r in full_rows.to_dict("records"):
+            cells = []
+            for d in ds:
+                if pd.isna(r.get(f"{d}_logppl")):
+                    cells.append("")
+                    continue
+                rel = ""
+                if len(fdense) and not pd.isna(fdense.iloc[0].get(d)):
+                    rel = f" ({r[d] / fdense.iloc[0][d]:.2f}x)"
+                cells.append(f"{r[d]:.2f}{rel} ±{r[f'{d}_se']:.3f} ({int(r[f'{d}_windows']):,})")
+            lines.append(f"| {r['ratio']:.0%} | {r['strategy']} | " + " | ".join(cells) + " |")
+    speed = out / "eval_speed.json"
+    if speed.exists():
+        sp = json.loads(speed.read_text())
+        setup = sp.pop("_setup")
+        lines += ["", "### Evaluation speed (CPU, 2 shared cores)", "",
+                  f"{setup['windows']} windows x {setup['seq_len']} tokens of WikiText-2 test per variant and round, "
+                  f"{setup['rounds']} interleaved rounds, median; load average at the end {setup['load_avg']}.", "",
+                  "| variant | tokens/s (median) | per round | log-ppl - first variant's |", "|---|---:|---|---:|"]
+        for name, v in sp.items():
+            lines.append(f"| {name} | {v['tok_s_median']:.0f} | {', '.join(f'{x:.0f}' for x in v['tok_s'])} | "
+                         f"{v['log_ppl_minus_first']:+.2e} |")
+    doc.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
