@@ -78,8 +78,9 @@ class Evaluator:
             self.windows[name], self.n_full[name] = w, n_full
         self.batch_size = batch_size
 
-    def __call__(self, model) -> dict[str, np.ndarray]:
-        return {name: window_nlls(model, w, self.batch_size).numpy() for name, w in self.windows.items()}
+    def __call__(self, model, every: int = 1) -> dict[str, np.ndarray]:
+        """Per-window NLLs on every window, or on every ``every``-th one (a subset of the same windows)."""
+        return {name: window_nlls(model, w[::every], self.batch_size).numpy() for name, w in self.windows.items()}
 
 
 def _caster(name: str):
@@ -145,6 +146,8 @@ def run(
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
     tag: Annotated[str, typer.Option(help="Suffix of this run's files (several runs can share --out).")] = "main",
+    cheap: Annotated[str, typer.Option(help="Strategies evaluated on every 4th window only (hopeless peers; "
+                                            "'twin' = auto's other compensation).")] = "magnitude-sp,wanda-sp,twin",
     reuse_scores: Annotated[bool, typer.Option(help="Load scores/similarity from --out when present.")] = False,
 ) -> None:
     """Every strategy and the adaptive default at every ratio, on windows spread over the test splits."""
@@ -197,6 +200,7 @@ def run(
     _append(files["results"], [dense_row])
     _save_windows(files["windows"], {"strategy": "dense", "ratio": 0.0}, nll)
     base_plan = dict(STRATEGIES["ours"].plan)
+    cheap_set = {c for c in cheap.split(",") if c}
     for ratio in [float(r) for r in ratios.split(",") if r]:
         # --- the adaptive default ---------------------------------------------------------------
         t = time.perf_counter()
@@ -242,7 +246,7 @@ def run(
                 rows.append({**rows[0], "strategy": label, **extra})
                 continue
             t = time.perf_counter()
-            nll = evaluator(m)
+            nll = evaluator(m, 4 if label != "auto" and "twin" in cheap_set else 1)
             row = {"strategy": label, "ratio": ratio,
                    "params": parameter_counts(m, get_adapter(m.config), geometry).total, **_summary(nll), **extra,
                    "heldout_kl": crit["sequential" if m is seq else "oneshot"]["kl"],
@@ -260,7 +264,7 @@ def run(
                                       stats=stats)
             pruned = cast(pruned)
             kl = heldout_criteria(pruned, refs["wikitext2"])["kl"]
-            nll = evaluator(pruned)
+            nll = evaluator(pruned, 4 if name in cheap_set else 1)
             row = {"strategy": name, "ratio": ratio,
                    "params": parameter_counts(pruned, get_adapter(pruned.config), geometry).total, **_summary(nll),
                    "heldout_kl": kl, "removed_layers": len(plan.analysis["removed_layers"]),
@@ -381,6 +385,7 @@ def recovery(
         "distill-full,distill-lora,lora-instructions",
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate (full).")] = 1e-4,
     eval_windows_n: Annotated[int, typer.Option("--eval-windows", help="Windows per corpus, spread.")] = 128,
+    datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
 ) -> None:
@@ -406,7 +411,7 @@ def recovery(
     text = torch.cat(text)
     held_rows = {tuple(r.tolist()) for r in held}
     text = text[torch.tensor([tuple(r.tolist()) not in held_rows for r in text])]
-    evaluator = Evaluator(tokenizer, ["wikitext2", "ptb", "c4"], seq_len, eval_windows_n, data_dir, 16)
+    evaluator = Evaluator(tokenizer, [d for d in datasets.split(",") if d], seq_len, eval_windows_n, data_dir, 16)
     records = load_instructions("alpaca", "train", data_dir=data_dir)
     for method in [m for m in methods.split(",") if m]:
         student = copy.deepcopy(pruned)
@@ -456,9 +461,15 @@ def _paired(windows: pd.DataFrame, a: str, b: str, ratio: float, d: str) -> tupl
     """Mean and SE over windows of NLL(a) - NLL(b) (nats), same windows."""
     def get(s):
         row = windows[(windows["strategy"] == s) & (windows["ratio"] == ratio) & (windows["dataset"] == d)]
+        if not len(row) and s.startswith("auto-"):  # the twin that is auto itself was not evaluated again
+            return get("auto")
         return np.asarray(row["nll"].iloc[0], dtype=np.float64)
 
-    x = get(a) - get(b)
+    xa, xb = get(a), get(b)
+    if len(xa) != len(xb):  # a cheap row: every k-th of the same windows
+        k = max(len(xa), len(xb)) // min(len(xa), len(xb))
+        xa, xb = (xa[::k], xb) if len(xa) > len(xb) else (xa, xb[::k])
+    x = xa - xb
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
 
 
