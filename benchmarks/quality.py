@@ -149,6 +149,7 @@ def run(
     cheap: Annotated[str, typer.Option(help="Strategies evaluated on every 4th window only (hopeless peers; "
                                             "'twin' = auto's other compensation).")] = "magnitude-sp,wanda-sp,twin",
     reuse_scores: Annotated[bool, typer.Option(help="Load scores/similarity from --out when present.")] = False,
+    dense_eval: Annotated[bool, typer.Option(help="Evaluate the dense model (a second run can skip it).")] = True,
 ) -> None:
     """Every strategy and the adaptive default at every ratio, on windows spread over the test splits."""
     torch.set_num_threads(threads)
@@ -184,7 +185,7 @@ def run(
     evaluator = Evaluator(tokenizer, [d for d in datasets.split(",") if d], seq_len, eval_windows_n, data_dir,
                           batch_size)
     t = time.perf_counter()
-    nll = evaluator(dense_eval)
+    nll = evaluator(dense_eval) if dense_eval else {n: np.full(2, np.nan) for n in evaluator.windows}
     eval_s = time.perf_counter() - t
     meta = {"model": model, "params_total": counts.total,
             "calibration": f"wikitext2/validation {n_samples} x {seq_len}", "n_samples": n_samples,
@@ -197,8 +198,9 @@ def run(
     dense_row = {"strategy": "dense", "ratio": 0.0, "params": counts.total, **_summary(nll)}
     meta["dense"] = dense_row
     files["meta"].write_text(json.dumps(meta, indent=2))
-    _append(files["results"], [dense_row])
-    _save_windows(files["windows"], {"strategy": "dense", "ratio": 0.0}, nll)
+    if dense_eval:
+        _append(files["results"], [dense_row])
+        _save_windows(files["windows"], {"strategy": "dense", "ratio": 0.0}, nll)
     base_plan = dict(STRATEGIES["ours"].plan)
     cheap_set = {c for c in cheap.split(",") if c}
     for ratio in [float(r) for r in ratios.split(",") if r]:
