@@ -150,6 +150,7 @@ def run(
                                             "'twin' = auto's other compensation).")] = "magnitude-sp,wanda-sp,twin",
     reuse_scores: Annotated[bool, typer.Option(help="Load scores/similarity from --out when present.")] = False,
     dense_eval: Annotated[bool, typer.Option(help="Evaluate the dense model (a second run can skip it).")] = True,
+    auto: Annotated[bool, typer.Option(help="Run the adaptive default (a run of peers only can skip it).")] = True,
 ) -> None:
     """Every strategy and the adaptive default at every ratio, on windows spread over the test splits."""
     torch.set_num_threads(threads)
@@ -204,6 +205,19 @@ def run(
     base_plan = dict(STRATEGIES["ours"].plan)
     cheap_set = {c for c in cheap.split(",") if c}
     for ratio in [float(r) for r in ratios.split(",") if r]:
+        if auto:
+            _auto_rows(ratio, dense, scores, sim, counts, geometry, base_plan, refs, stats, samples, criterion, cast,
+                       evaluator, files, out, cheap_set)
+        _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, refs, cast, evaluator, files,
+                       cheap_set)
+    meta["total_s"] = round(time.perf_counter() - started, 1)
+    files["meta"].write_text(json.dumps(meta, indent=2))
+
+
+def _auto_rows(ratio, dense, scores, sim, counts, geometry, base_plan, refs, stats, samples, criterion, cast,
+               evaluator, files, out, cheap_set) -> None:
+    """The adaptive default at one ratio: selection, compensation choice, evaluated rows."""
+    if True:
         # --- the adaptive default ---------------------------------------------------------------
         t = time.perf_counter()
 
@@ -259,6 +273,12 @@ def run(
             _save_windows(files["windows"], {"strategy": label, "ratio": ratio}, nll)
         _append(files["results"], rows)
         del oneshot, seq, chosen
+
+
+def _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, refs, cast, evaluator, files,
+                   cheap_set) -> None:
+    """Every named peer / variant at one ratio."""
+    if True:
         # --- peers and variants -----------------------------------------------------------------
         for name in names:
             t = time.perf_counter()
@@ -275,8 +295,6 @@ def run(
             _append(files["results"], [row])
             _save_windows(files["windows"], {"strategy": name, "ratio": ratio}, nll)
             del pruned
-    meta["total_s"] = round(time.perf_counter() - started, 1)
-    files["meta"].write_text(json.dumps(meta, indent=2))
 
 
 def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, seq_len: int = 128):
