@@ -42,10 +42,12 @@ def main(
     dense, tok = load_model(model)
     n = meta["n_samples"]
     samples = calibration_samples(tok, "wikitext2", None, n, 128, 0, data_dir=data_dir)
-    held = heldout_windows(tok, "wikitext2", None, 16, 128, n, 128, 0, data_dir=data_dir)
+    held = {"wikitext2": heldout_windows(tok, "wikitext2", None, 16, 128, n, 128, 0, data_dir=data_dir)}
+    for name in ("ptb", "c4"):  # other corpora's calibration splits (the criterion audit of quality.py)
+        held[name] = heldout_windows(tok, name, None, 16, 128, 0, 128, 0, data_dir=data_dir)
     doc = json.loads((out / "plans" / f"auto_{ratio:g}.json").read_text())
     plan = type("P", (), {"keep": {int(k): LayerKeep(**v) for k, v in doc["keep"].items()}})()
-    ref = dense_reference(dense.to(torch.bfloat16), held)
+    refs = {k: dense_reference(dense.to(torch.bfloat16), w) for k, w in held.items()}
     dense.float()
     for target in [t for t in targets.split(",") if t]:
         t = time.perf_counter()
@@ -53,8 +55,11 @@ def main(
             pruned = oneshot_pruner(collect_stats(dense, samples, sorted(plan.keep), progress=False))(dense, plan)
         else:
             pruned = sequential_pruner(samples, target=target)(dense, plan)
-        row = {"ratio": ratio, "plan": doc["choice"], "compensation": target,
-               **heldout_criteria(pruned.to(torch.bfloat16), ref), "seconds": round(time.perf_counter() - t, 1)}
+        pruned = pruned.to(torch.bfloat16)
+        row = {"ratio": ratio, "plan": doc["choice"], "compensation": target, "seconds": round(time.perf_counter() - t, 1)}
+        for k, ref in refs.items():
+            v = heldout_criteria(pruned, ref)
+            row.update({f"{k}_kl": v["kl"], f"{k}_nll": v["nll"]})
         print(json.dumps(row), flush=True)
         path = out / "sequential_targets.csv"
         frame = pd.DataFrame([row])
