@@ -56,7 +56,8 @@ def main(
         else:
             pruned = sequential_pruner(samples, target=target)(dense, plan)
         pruned = pruned.to(torch.bfloat16)
-        row = {"ratio": ratio, "plan": doc["choice"], "compensation": target, "seconds": round(time.perf_counter() - t, 1)}
+        row = {"ratio": ratio, "plan": doc["choice"], "compensation": target,
+               "seconds": round(time.perf_counter() - t, 1)}
         for k, ref in refs.items():
             v = heldout_criteria(pruned, ref)
             row.update({f"{k}_kl": v["kl"], f"{k}_nll": v["nll"]})
