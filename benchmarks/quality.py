@@ -473,6 +473,8 @@ def recovery(
 
 
 def _cell(r, d: str, dense: dict, bold: bool = False) -> str:
+    if d not in r or pd.isna(r[d]):
+        return "-"
     text = f"{r[d]:.2f} ({r[d] / dense[d]:.2f}x) ±{r[f'{d}_se']:.3f}"
     return f"**{text}**" if bold else text
 
