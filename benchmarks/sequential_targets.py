@@ -47,8 +47,10 @@ def main(
         held[name] = heldout_windows(tok, name, None, 16, 128, 0, 128, 0, data_dir=data_dir)
     doc = json.loads((out / "plans" / f"auto_{ratio:g}.json").read_text())
     plan = type("P", (), {"keep": {int(k): LayerKeep(**v) for k, v in doc["keep"].items()}})()
-    refs = {k: dense_reference(dense.to(torch.bfloat16), w) for k, w in held.items()}
-    dense.float()
+    import copy
+
+    dense_bf16 = copy.deepcopy(dense).to(torch.bfloat16)
+    refs = {k: dense_reference(dense_bf16, w) for k, w in held.items()}
     for target in [t for t in targets.split(",") if t]:
         t = time.perf_counter()
         if target == "oneshot":
