@@ -591,6 +591,17 @@ def markdown(
                          f"{r['compensation_sequential_kl']:.4f} | {r['compensation_oneshot_nll']:.4f} | "
                          f"{r['compensation_sequential_nll']:.4f} | {r['compensation_chosen']} | "
                          + " | ".join(diffs) + " |")
+    if (out / "sequential_targets.csv").exists():
+        st = pd.read_csv(out / "sequential_targets.csv")
+        lines += ["", "### Sequential targets on the three corpora's calibration splits (`sequential_targets.py`)", "",
+                  "Held-out KL(dense || pruned) on 16 windows each of WikiText-2 validation, PTB train and C4 "
+                  "calibration (no test text); same plan (the default's allocation at that ratio).", "",
+                  "| ratio | plan | compensation | wikitext2 KL | ptb KL | c4 KL | mean KL | s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in st.to_dict("records"):
+            mean = (r["wikitext2_kl"] + r["ptb_kl"] + r["c4_kl"]) / 3
+            lines.append(f"| {r['ratio']:.0%} | {r['plan']} | {r['compensation']} | {r['wikitext2_kl']:.4f} | "
+                         f"{r['ptb_kl']:.4f} | {r['c4_kl']:.4f} | {mean:.4f} | {r['seconds']:.0f} |")
     rec_files = sorted(out.glob("recovery*.csv"))
     rec_files = [f for f in rec_files if not f.name.startswith("recovery_curve")]
     if rec_files:
