@@ -553,7 +553,8 @@ def markdown(
               *verdicts]
     sel_files = sorted(out.glob("selection_*.csv"))
     if sel_files:
-        sel = pd.concat([pd.read_csv(f) for f in sel_files], ignore_index=True).sort_values(["ratio"])
+        sel = pd.concat([pd.read_csv(f) for f in sel_files], ignore_index=True)
+        sel = sel.drop_duplicates(subset=["ratio", "candidate"], keep="first").sort_values(["ratio"], kind="stable")
         lines += ["", "### Allocation selection on held-out calibration windows (one-shot least squares)", "",
                   "KL: mean KL(dense || pruned) per token; NLL: mean NLL; wikitext2 = held-out WikiText-2 validation "
                   "windows (the criterion); ptb / c4 columns = PTB-train and C4-calibration windows, used only to "
