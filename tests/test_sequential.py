@@ -54,14 +54,15 @@ def test_sequential_prunes_every_family_and_keeps_dense_unchanged(preset, target
     assert torch.isfinite(_final_hidden(pruned)).all()
 
 
-def test_first_layer_refit_equals_one_shot_least_squares():
+@pytest.mark.parametrize("target", ["dense", "self"])
+def test_first_layer_refit_equals_one_shot_least_squares(target):
     """At layer 0 both streams are the dense one, so the sequential refit is the one-shot refit."""
     dense = build_model("tiny-llama-gqa4")
     keep = {0: LayerKeep(attn=[1], mlp=list(range(0, 96, 3)))}
     stats = collect_stats(dense, SAMPLES, [0], batch_size=4, progress=False)
     oneshot = copy.deepcopy(dense)
     prune_model(oneshot, keep, compensated_outputs(oneshot, keep, stats, "lstsq"))
-    seq, _ = sequential_prune(dense, keep, SAMPLES, target="dense", batch_size=4, progress=False)
+    seq, _ = sequential_prune(dense, keep, SAMPLES, target=target, batch_size=4, progress=False)
     a, b = oneshot.model.layers[0], seq.model.layers[0]
     torch.testing.assert_close(b.self_attn.o_proj.weight, a.self_attn.o_proj.weight, rtol=1e-4, atol=1e-5)
     # the MLP of layer 0 sees the *refitted* attention's output, so it differs from one-shot, but only a little
