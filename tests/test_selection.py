@@ -12,8 +12,14 @@ from gqaprune.groups import parameter_counts
 from gqaprune.importance import score_groups
 from gqaprune.plan import PlanConfig
 from gqaprune.random_models import build_model
-from gqaprune.selection import (Candidate, dense_reference, heldout_criteria, oneshot_pruner, select_allocation,
-                                sequential_pruner)
+from gqaprune.selection import (
+    Candidate,
+    dense_reference,
+    heldout_criteria,
+    oneshot_pruner,
+    select_allocation,
+    sequential_pruner,
+)
 from gqaprune.similarity import block_similarity
 from helpers import small_tokenizer
 
