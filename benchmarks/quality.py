@@ -1,165 +1,649 @@
 """Side-by-side quality benchmark: every strategy at several ratios on one model, same data.
 
-    python benchmarks/quality.py --model artifacts/model --data-dir ../shared/data \
-        --out benchmarks/results/quality_smollm2
+    python benchmarks/quality.py run --model artifacts/model --data-dir ../shared/data \
+        --out benchmarks/results/quality_smollm2            # all rows, spread windows (the table)
+    python benchmarks/quality.py full --out ...             # default and best other row, all windows
+    python benchmarks/quality.py recovery --out ...         # distillation vs LoRA at equal wall time
+    python benchmarks/quality.py markdown --out ...         # results.md from the recorded rows
 
-Scores (all metrics), layer/block similarity and compensation statistics are computed once on the
-same calibration samples; each strategy is then planned to the same exact parameter budget, pruned,
-and evaluated on WikiText-2 / PTB / C4 with the same capped windows. The rows at ``--lora-ratio`` are
-also evaluated after an identical short LoRA recovery. Writes ``results.csv``, ``results.md`` and
-``ppl_vs_ratio.png`` into ``--out`` (rows are appended as they finish, so a cut run keeps its rows).
-Runs the same on a GPU with an 8B model folder (``--device cuda --dtype bfloat16``).
+``run``: scores (all metrics), layer/block similarity and one-shot compensation statistics are
+computed once on the same calibration samples (WikiText-2 validation); held-out calibration windows
+(the same split, no token shared with the calibration samples; plus PTB-train and C4-calibration
+windows for the criterion study) are drawn once. At every ratio:
+
+* ``auto`` (the new default) chooses its allocation among :data:`gqaprune.selection.DEFAULT_CANDIDATES`
+  by KL to the dense model on the held-out windows (one-shot least squares while choosing), then
+  prunes it with sequential (layer-by-layer) or one-shot compensation, whichever has the lower
+  held-out KL. The candidate table (KL and NLL on all held-out sets) is recorded in ``selection.csv``.
+* every peer and variant of ``--strategies`` is planned to the same budget and pruned.
+
+Every row is evaluated on ``--eval-windows`` windows of ``seq_len`` tokens spread evenly over each
+whole test split, with the standard error of each log-perplexity; the per-window NLLs are kept in
+``windows.parquet`` for paired comparisons. Rows are appended to ``results.csv`` as they finish.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import pandas as pd
+import torch
 import typer
 
 from gqaprune.adapters import get_adapter
 from gqaprune.compensation import collect_stats
-from gqaprune.data import calibration_samples, load_instructions
-from gqaprune.evaluation import perplexity
-from gqaprune.finetune import FinetuneConfig, finetune_lora, merge_adapter
+from gqaprune.data import calibration_samples, corpus_token_ids, heldout_windows
+from gqaprune.evaluation import eval_windows, window_nlls
 from gqaprune.groups import parameter_counts
 from gqaprune.importance import METRICS, score_groups
 from gqaprune.modelio import load_model
+from gqaprune.plan import PlanConfig
+from gqaprune.selection import (
+    DEFAULT_CANDIDATES,
+    dense_reference,
+    heldout_criteria,
+    oneshot_pruner,
+    select_allocation,
+    sequential_pruner,
+)
 from gqaprune.similarity import block_similarity
-from gqaprune.strategies import PEERS, STRATEGIES, VARIANTS, prune_copy
+from gqaprune.strategies import STRATEGIES, prune_copy
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _ppl(model, tokenizer, datasets, seq_len, tokens, batch, data_dir) -> dict:
-    """Perplexity per dataset (capped windows) and the tokens evaluated."""
+@app.callback()
+def _commands() -> None:
+    """Quality benchmark: run (the table), full (all windows), recovery, markdown."""
+
+DEFAULT_STRATEGIES = "ours,hgsp-T1-tauinf,magnitude-sp,wanda-sp,llm-pruner,flap,shortgpt"
+EVAL_SPLIT = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
+CAL_SPLIT = {"wikitext2": "validation", "ptb": "train", "c4": "calibration"}
+
+
+class Evaluator:
+    """Token windows of each test split (spread or all) and per-window NLLs of a model on them."""
+
+    def __init__(self, tokenizer, datasets, seq_len, n_windows, data_dir, batch_size):
+        self.windows = {}
+        self.n_full = {}
+        for name in datasets:
+            ids = corpus_token_ids(tokenizer, name, EVAL_SPLIT[name], data_dir=data_dir)
+            w, n_full = eval_windows(ids, seq_len, None if n_windows is None else n_windows * seq_len, spread=True)
+            self.windows[name], self.n_full[name] = w, n_full
+        self.batch_size = batch_size
+
+    def __call__(self, model, every: int = 1) -> dict[str, np.ndarray]:
+        """Per-window NLLs on every window, or on every ``every``-th one (a subset of the same windows)."""
+        return {name: window_nlls(model, w[::every], self.batch_size).numpy() for name, w in self.windows.items()}
+
+
+def _caster(name: str):
+    """Cast a model (in place) to the evaluation dtype; float32 leaves it as it is."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return lambda model: model if dtype == torch.float32 else model.to(dtype)
+
+
+def _summary(nlls: dict[str, np.ndarray]) -> dict:
     out = {}
-    for name in datasets:
-        r = perplexity(model, tokenizer, dataset=name, seq_len=seq_len, batch_size=batch, max_tokens=tokens,
-                       data_dir=data_dir)
-        out[name] = r.ppl
-        out[f"{name}_tokens"] = r.n_tokens
+    for name, x in nlls.items():
+        out[name] = math.exp(float(x.mean()))
+        out[f"{name}_logppl"] = float(x.mean())
+        out[f"{name}_se"] = float(x.std(ddof=1) / math.sqrt(len(x)))
+        out[f"{name}_windows"] = len(x)
     return out
 
 
+def _append(path: Path, rows: list[dict]) -> None:
+    """Append rows to a CSV, rewriting it whole so rows with new columns keep a right header."""
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    frame.to_csv(path, index=False)
+
+
+def _save_windows(path: Path, key: dict, nlls: dict[str, np.ndarray]) -> None:
+    rows = [{**key, "dataset": name, "nll": x.tolist()} for name, x in nlls.items()]
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        frame = pd.concat([pd.read_parquet(path), frame], ignore_index=True)
+    frame.to_parquet(path, index=False)
+
+
+def _setup(model, data_dir, n_samples, seq_len, gradient_batch_size, heldout_n):
+    dense, tokenizer = load_model(model)
+    adapter = get_adapter(dense.config)
+    geometry = adapter.geometry(dense.config)
+    counts = parameter_counts(dense, adapter, geometry)
+    samples = calibration_samples(tokenizer, "wikitext2", None, n_samples, seq_len, 0, data_dir=data_dir)
+    held = {"wikitext2": heldout_windows(tokenizer, "wikitext2", None, heldout_n, seq_len, n_samples, seq_len, 0,
+                                         data_dir=data_dir)}
+    for name in ("ptb", "c4"):  # other corpora's calibration splits: only for auditing the criterion
+        held[name] = heldout_windows(tokenizer, name, None, heldout_n, seq_len, 0, seq_len, 0, data_dir=data_dir)
+    return dense, tokenizer, geometry, counts, samples, held
+
+
 @app.command()
-def main(
-    model: Annotated[str, typer.Option(help="Dense model folder or hub id.")] = "artifacts/model",
-    out: Annotated[Path, typer.Option(help="Output folder for results.csv / .md / .png.")] = Path(
-        "benchmarks/results/quality_smollm2"),
+def run(
+    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results/quality_smollm2"),
     data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
-    ratios: Annotated[str, typer.Option(help="Comma-separated ratios of all parameters.")] = "0.1,0.2,0.3,0.5",
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies (default: all).")] = ",".join(STRATEGIES),
-    variant_ratios: Annotated[str, typer.Option(help="Ratios at which ablations / T-tau variants run.")] = "0.2,0.3",
+    ratios: Annotated[str, typer.Option(help="Comma-separated ratios of all parameters.")] = "0.1,0.2,0.3,0.4,0.5",
+    strategies: Annotated[str, typer.Option(help="Peers and variants besides auto.")] = DEFAULT_STRATEGIES,
     n_samples: Annotated[int, typer.Option(help="Calibration samples (wikitext2 validation).")] = 64,
     seq_len: Annotated[int, typer.Option(help="Calibration and evaluation window length.")] = 128,
-    eval_tokens: Annotated[int, typer.Option(help="Evaluated tokens per dataset (capped windows).")] = 4096,
+    eval_windows_n: Annotated[int, typer.Option("--eval-windows", help="Windows per corpus, spread.")] = 128,
+    heldout_n: Annotated[int, typer.Option("--heldout-windows", help="Held-out windows per corpus.")] = 16,
+    criterion: Annotated[str, typer.Option(help="kl | nll (held-out selection criterion).")] = "kl",
     datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
-    lora_ratio: Annotated[float, typer.Option(help="Ratio whose rows also get LoRA recovery (<=0: none).")] = 0.2,
-    lora_steps: Annotated[int, typer.Option(help="LoRA optimizer steps for each recovered row.")] = 10,
     gradient_batch_size: Annotated[int, typer.Option(help="Micro-batch of the Taylor scoring pass.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Evaluation windows per forward.")] = 16,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
+    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
+    tag: Annotated[str, typer.Option(help="Suffix of this run's files (several runs can share --out).")] = "main",
+    cheap: Annotated[str, typer.Option(help="Strategies evaluated on every 4th window only (hopeless peers; "
+                                            "'twin' = auto's other compensation).")] = "magnitude-sp,wanda-sp,twin",
+    reuse_scores: Annotated[bool, typer.Option(help="Load scores/similarity from --out when present.")] = False,
+    dense_eval: Annotated[bool, typer.Option(help="Evaluate the dense model (a second run can skip it).")] = True,
+    auto: Annotated[bool, typer.Option(help="Run the adaptive default (a run of peers only can skip it).")] = True,
 ) -> None:
-    """Run every strategy at every ratio and write the comparison table."""
+    """Every strategy and the adaptive default at every ratio, on windows spread over the test splits."""
+    torch.set_num_threads(threads)
+    cast = _caster(eval_dtype)
     out.mkdir(parents=True, exist_ok=True)
     names = [s for s in strategies.split(",") if s]
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
-    eval_sets = [d for d in datasets.split(",") if d]
+    files = {k: out / f"{k}_{tag}.{ext}" for k, ext in
+             (("results", "csv"), ("windows", "parquet"), ("selection", "csv"), ("meta", "json"))}
+    for f in files.values():
+        f.unlink(missing_ok=True)
     started = time.perf_counter()
-    dense, tokenizer = load_model(model, dtype=dtype, device=device)
-    adapter = get_adapter(dense.config)
-    geometry = adapter.geometry(dense.config)
-    counts = parameter_counts(dense, adapter, geometry)
-    samples = calibration_samples(tokenizer, "wikitext2", None, n_samples, seq_len, 0, data_dir=data_dir)
+    dense, tokenizer, geometry, counts, samples, held = _setup(model, data_dir, n_samples, seq_len,
+                                                               gradient_batch_size, heldout_n)
     t0 = time.perf_counter()
-    scores = score_groups(dense, samples, metrics=METRICS, gradient_batch_size=gradient_batch_size)
-    sim = block_similarity(dense, samples)
+    if reuse_scores and (out / "scores.parquet").exists():
+        scores, sim = pd.read_parquet(out / "scores.parquet"), pd.read_parquet(out / "similarity.parquet")
+    else:
+        scores = score_groups(dense, samples, metrics=METRICS, gradient_batch_size=gradient_batch_size)
+        sim = block_similarity(dense, samples)
     stats = collect_stats(dense, samples, list(range(geometry.num_layers)))
+    import copy
+
+    dense_eval = cast(copy.deepcopy(dense))
+    refs = {name: dense_reference(dense_eval, w) for name, w in held.items()}
     prep_s = time.perf_counter() - t0
-    dense_ppl = _ppl(dense, tokenizer, eval_sets, seq_len, eval_tokens, batch_size, data_dir)
+    if not (reuse_scores and (out / "scores.parquet").exists()):
+        scores.to_parquet(out / "scores.parquet", index=False)
+        sim.to_parquet(out / "similarity.parquet", index=False)
+    (out / "plans").mkdir(exist_ok=True)
+    evaluator = Evaluator(tokenizer, [d for d in datasets.split(",") if d], seq_len, eval_windows_n, data_dir,
+                          batch_size)
+    t = time.perf_counter()
+    nll = evaluator(dense_eval) if dense_eval else {n: np.full(2, np.nan) for n in evaluator.windows}
+    eval_s = time.perf_counter() - t
     meta = {"model": model, "params_total": counts.total,
-            "calibration": f"wikitext2/validation {n_samples} x {seq_len}",
-            "calibration_tokens": samples.numel(), "eval_tokens_per_dataset": eval_tokens, "seq_len": seq_len,
-            "datasets": eval_sets, "dense": dense_ppl, "scoring_s": round(prep_s, 1)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    records = [pd.DataFrame([{"strategy": "dense", "ratio": 0.0, "stage": "pruned", "params": counts.total,
-                              **dense_ppl}]).iloc[0].to_dict()]
-    records_path = out / "results.csv"
-    variant_set = {float(r) for r in variant_ratios.split(",") if r}
-    lora_records = load_instructions("alpaca", "train", data_dir=data_dir) if lora_ratio > 0 else []
+            "calibration": f"wikitext2/validation {n_samples} x {seq_len}", "n_samples": n_samples,
+            "heldout": f"{heldout_n} x {seq_len} per corpus (wikitext2 validation, disjoint from calibration; "
+                       "ptb train, c4 calibration for the criterion audit)",
+            "criterion": criterion, "seq_len": seq_len, "eval_windows": eval_windows_n,
+            "full_windows": evaluator.n_full, "datasets": list(evaluator.windows), "scoring_s": round(prep_s, 1),
+            "dense_eval_tokens_per_s": round(sum(w.numel() for w in evaluator.windows.values()) / eval_s, 1),
+            "torch_threads": torch.get_num_threads(), "eval_dtype": eval_dtype}
+    dense_row = {"strategy": "dense", "ratio": 0.0, "params": counts.total, **_summary(nll)}
+    meta["dense"] = dense_row
+    files["meta"].write_text(json.dumps(meta, indent=2))
+    if dense_eval:
+        _append(files["results"], [dense_row])
+        _save_windows(files["windows"], {"strategy": "dense", "ratio": 0.0}, nll)
+    base_plan = dict(STRATEGIES["ours"].plan)
+    cheap_set = {c for c in cheap.split(",") if c}
     for ratio in [float(r) for r in ratios.split(",") if r]:
-        for name in names:
-            if name in VARIANTS and ratio not in variant_set:
+        if auto:
+            _auto_rows(ratio, dense, scores, sim, counts, geometry, base_plan, refs, stats, samples, criterion, cast,
+                       evaluator, files, out, cheap_set)
+        _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, refs, cast, evaluator, files,
+                       cheap_set)
+    meta["total_s"] = round(time.perf_counter() - started, 1)
+    files["meta"].write_text(json.dumps(meta, indent=2))
+
+
+def _auto_rows(ratio, dense, scores, sim, counts, geometry, base_plan, refs, stats, samples, criterion, cast,
+               evaluator, files, out, cheap_set) -> None:
+    """The adaptive default at one ratio: selection, compensation choice, evaluated rows."""
+    if True:
+        # --- the adaptive default ---------------------------------------------------------------
+        t = time.perf_counter()
+
+        def log(row, ratio=ratio):
+            print(json.dumps({"ratio": ratio, **{k: v for k, v in row.items() if k != "error"}}), flush=True)
+
+        sel = select_allocation(dense, scores, sim, counts, geometry.num_layers,
+                                PlanConfig(ratio=ratio, **base_plan), refs["wikitext2"],
+                                lambda d, p: cast(oneshot_pruner(stats)(d, p)), DEFAULT_CANDIDATES, criterion, log=log,
+                                audit={k: v for k, v in refs.items() if k != "wikitext2"})
+        select_s = time.perf_counter() - t
+        prune1 = oneshot_pruner(stats)
+        table = sel.table.copy()
+        # compensation: one-shot vs sequential on the chosen plan, by the same held-out criterion
+        t = time.perf_counter()
+        oneshot = cast(prune1(dense, sel.plan))
+        seq = cast(sequential_pruner(samples, progress=False)(dense, sel.plan))
+        seq_s = time.perf_counter() - t
+        crit = {"oneshot": heldout_criteria(oneshot, refs["wikitext2"]),
+                "sequential": heldout_criteria(seq, refs["wikitext2"])}
+        for name in ("ptb", "c4"):
+            crit["oneshot"][f"{name}_kl"] = heldout_criteria(oneshot, refs[name])["kl"]
+            crit["sequential"][f"{name}_kl"] = heldout_criteria(seq, refs[name])["kl"]
+        comp = min(crit, key=lambda k: crit[k][criterion])
+        table["ratio"] = ratio
+        table["compensation_oneshot_kl"] = crit["oneshot"]["kl"]
+        table["compensation_sequential_kl"] = crit["sequential"]["kl"]
+        table["compensation_oneshot_nll"] = crit["oneshot"]["nll"]
+        table["compensation_sequential_nll"] = crit["sequential"]["nll"]
+        table["compensation_chosen"] = comp
+        _append(files["selection"], table.to_dict("records"))
+        chosen = seq if comp == "sequential" else oneshot
+        (out / "plans" / f"auto_{ratio:g}.json").write_text(json.dumps({
+            "ratio": ratio, "choice": sel.choice.name, "plan": sel.choice.plan, "compensation": comp,
+            "keep": {str(k): {"attn": v.attn, "mlp": v.mlp} for k, v in sel.plan.keep.items()}}, default=str))
+        rows = []
+        for label, m, extra in (("auto", chosen, {"choice": sel.choice.name, "compensation": comp}),
+                                ("auto-oneshot", oneshot, {"choice": sel.choice.name, "compensation": "oneshot"}),
+                                ("auto-sequential", seq, {"choice": sel.choice.name, "compensation": "sequential"})):
+            if label != "auto" and m is chosen:
+                # the same model as auto: reuse its numbers
+                rows.append({**rows[0], "strategy": label, **extra})
                 continue
+            t = time.perf_counter()
+            nll = evaluator(m, 4 if label != "auto" and "twin" in cheap_set else 1)
+            row = {"strategy": label, "ratio": ratio,
+                   "params": parameter_counts(m, get_adapter(m.config), geometry).total, **_summary(nll), **extra,
+                   "heldout_kl": crit["sequential" if m is seq else "oneshot"]["kl"],
+                   "select_s": round(select_s, 1), "sequential_s": round(seq_s, 1),
+                   "eval_s": round(time.perf_counter() - t, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _save_windows(files["windows"], {"strategy": label, "ratio": ratio}, nll)
+        _append(files["results"], rows)
+        del oneshot, seq, chosen
+
+
+def _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, refs, cast, evaluator, files,
+                   cheap_set) -> None:
+    """Every named peer / variant at one ratio."""
+    if True:
+        # --- peers and variants -----------------------------------------------------------------
+        for name in names:
             t = time.perf_counter()
             pruned, plan = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[name], ratio,
                                       stats=stats)
-            row = {"strategy": name, "ratio": ratio, "stage": "pruned",
-                   "params": parameter_counts(pruned, get_adapter(pruned.config), geometry).total,
-                   **_ppl(pruned, tokenizer, eval_sets, seq_len, eval_tokens, batch_size, data_dir),
-                   "removed_layers": len(plan.analysis["removed_layers"]),
+            pruned = cast(pruned)
+            kl = heldout_criteria(pruned, refs["wikitext2"])["kl"]
+            nll = evaluator(pruned, 4 if name in cheap_set else 1)
+            row = {"strategy": name, "ratio": ratio,
+                   "params": parameter_counts(pruned, get_adapter(pruned.config), geometry).total, **_summary(nll),
+                   "heldout_kl": kl, "removed_layers": len(plan.analysis["removed_layers"]),
                    "seconds": round(time.perf_counter() - t, 1)}
-            records.append(row)
             print(json.dumps(row), flush=True)
-            if abs(ratio - lora_ratio) < 1e-9 and (name == "ours" or name in PEERS):
-                cfg = FinetuneConfig(max_steps=lora_steps, epochs=1, batch_size=4, max_length=128, seed=0)
-                tuned = merge_adapter(finetune_lora(pruned, tokenizer, lora_records, cfg))
-                row = {**row, "stage": "lora", **_ppl(tuned, tokenizer, eval_sets, seq_len, eval_tokens, batch_size,
-                                                      data_dir)}
-                records.append(row)
-                print(json.dumps(row), flush=True)
+            _append(files["results"], [row])
+            _save_windows(files["windows"], {"strategy": name, "ratio": ratio}, nll)
             del pruned
-            _write(records, records_path, out, meta)
-    meta["total_s"] = round(time.perf_counter() - started, 1)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    _write(records, records_path, out, meta)
 
 
-def _write(records: list[dict], csv_path: Path, out: Path, meta: dict) -> None:
-    """CSV of all rows, a Markdown table with ratios to dense, and the plot."""
-    frame = pd.DataFrame(records)
-    frame.to_csv(csv_path, index=False)
-    dense = meta["dense"]
-    lines = [f"Model `{meta['model']}` ({meta['params_total']:,} parameters). Calibration: {meta['calibration']} "
-             f"({meta['calibration_tokens']:,} tokens). Evaluation: first {meta['eval_tokens_per_dataset']:,} tokens "
-             f"of each corpus, seq_len {meta['seq_len']}. Ratios are of all parameters (embeddings included).", "",
-             "| ratio | strategy | stage | params | " + " | ".join(f"{d} (x dense)" for d in meta["datasets"]) + " |",
-             "|---|---|---|---:|" + "---:|" * len(meta["datasets"])]
-    for r in frame.to_dict("records"):
-        cells = " | ".join(f"{r[d]:.2f} ({r[d] / dense[d]:.2f}x)" for d in meta["datasets"])
-        lines.append(f"| {r['ratio']:.0%} | {r['strategy']} | {r['stage']} | {int(r['params']):,} | {cells} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(frame, out / "ppl_vs_ratio.png", meta["datasets"][0], dense[meta["datasets"][0]])
+def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, seq_len: int = 128):
+    """The pruned model of one recorded row (``auto`` from its saved plan, a strategy from the saved scores)."""
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
+    dense, tokenizer = load_model(model)
+    geometry = get_adapter(dense.config).geometry(dense.config)
+    samples = calibration_samples(tokenizer, "wikitext2", None, meta["n_samples"], seq_len, 0, data_dir=data_dir)
+    if strategy.startswith("auto"):
+        from gqaprune.surgery import LayerKeep
+
+        doc = json.loads((out / "plans" / f"auto_{ratio:g}.json").read_text())
+        keep = {int(k): LayerKeep(**v) for k, v in doc["keep"].items()}
+        comp = {"auto-oneshot": "oneshot", "auto-sequential": "sequential"}.get(strategy, doc["compensation"])
+        plan = type("P", (), {"keep": keep})()
+        if comp == "sequential":
+            pruned = sequential_pruner(samples, progress=False)(dense, plan)
+        else:
+            stats = collect_stats(dense, samples, sorted(keep), progress=False)
+            pruned = oneshot_pruner(stats)(dense, plan)
+    else:
+        counts = parameter_counts(dense, get_adapter(dense.config), geometry)
+        scores = pd.read_parquet(out / "scores.parquet")
+        sim = pd.read_parquet(out / "similarity.parquet")
+        stats = collect_stats(dense, samples, list(range(geometry.num_layers)), progress=False) \
+            if STRATEGIES[strategy].compensation != "none" else None
+        pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy], ratio,
+                               stats=stats)
+    return dense, tokenizer, pruned, samples
 
 
-def _plot(frame: pd.DataFrame, path: Path, dataset: str, dense: float) -> None:
-    """Perplexity / dense vs ratio, one line per strategy (log scale), pruned rows only."""
-    import matplotlib
+def read_results(out: Path, kind: str = "results") -> pd.DataFrame:
+    """All runs' rows of one kind (``results_<tag>.csv``), dense once."""
+    frames = [pd.read_csv(f) for f in sorted(out.glob(f"{kind}_*.csv"))]
+    frame = pd.concat(frames, ignore_index=True)
+    if "strategy" in frame:
+        frame = frame.drop_duplicates(subset=["strategy", "ratio"], keep="first")
+    return frame
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    pruned = frame[(frame["stage"] == "pruned") & (frame["strategy"] != "dense")]
-    for name, rows in pruned.groupby("strategy"):
-        rows = rows.sort_values("ratio")
-        ax.plot(rows["ratio"] * 100, rows[dataset] / dense, marker="o", label=name,
-                linewidth=2.5 if name == "ours" else 1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel(f"{dataset} perplexity / dense")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+def best_other(frame: pd.DataFrame, ratio: float, datasets: list[str]) -> str:
+    """The non-auto row with the lowest mean log-perplexity over ``datasets`` at ``ratio``."""
+    rows = frame[(frame["ratio"] == ratio) & ~frame["strategy"].str.startswith("auto") & (frame["strategy"] != "dense")]
+    score = rows[[f"{d}_logppl" for d in datasets]].mean(axis=1)
+    return str(rows.loc[score.idxmin(), "strategy"])
+
+
+@app.command()
+def full(
+    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
+    out: Annotated[Path, typer.Option(help="Folder of a finished `run`.")] = Path("benchmarks/results/quality_smollm2"),
+    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
+    ratios: Annotated[str, typer.Option(help="Ratios to evaluate on the full test sets.")] = "0.1,0.2,0.3,0.4,0.5",
+    datasets: Annotated[str, typer.Option(help="Corpora evaluated on all their windows.")] = "wikitext2,ptb,c4",
+    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 16,
+) -> None:
+    """The default (auto) and the best other row of each ratio on every window of the test splits."""
+    torch.set_num_threads(threads)
+    cast = _caster(eval_dtype)
+    frame = read_results(out)
+    names = [d for d in datasets.split(",") if d]
+    for ratio in [float(r) for r in ratios.split(",") if r]:
+        for strategy in ("auto", best_other(frame, ratio, ["wikitext2", "ptb", "c4"])):
+            t = time.perf_counter()
+            dense, tokenizer, pruned, _ = _rebuild(out, model, data_dir, ratio, strategy)
+            pruned = cast(pruned)
+            evaluator = Evaluator(tokenizer, names, 128, None, data_dir, batch_size)
+            nll = evaluator(pruned)
+            row = {"strategy": strategy, "ratio": ratio, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
+                   "eval_dtype": eval_dtype}
+            print(json.dumps(row), flush=True)
+            _append(out / "full.csv", [row])
+            del dense, pruned
+
+
+@app.command()
+def full_dense(
+    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results/quality_smollm2"),
+    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
+    datasets: Annotated[str, typer.Option(help="Corpora evaluated on all their windows.")] = "wikitext2,ptb,c4",
+    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """The dense model on every window of the test splits (the reference of ``full``)."""
+    torch.set_num_threads(threads)
+    dense, tokenizer = load_model(model)
+    t = time.perf_counter()
+    nll = Evaluator(tokenizer, [d for d in datasets.split(",") if d], 128, None, data_dir, 16)(
+        _caster(eval_dtype)(dense))
+    row = {"strategy": "dense", "ratio": 0.0, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
+           "eval_dtype": eval_dtype}
+    print(json.dumps(row), flush=True)
+    _append(out / "full.csv", [row])
+
+
+@app.command()
+def recovery(
+    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
+    out: Annotated[Path, typer.Option(help="Folder of a finished `run` (its auto plan is used).")] = Path(
+        "benchmarks/results/quality_smollm2"),
+    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
+    ratio: Annotated[float, typer.Option(help="Ratio whose auto model is recovered.")] = 0.2,
+    seconds: Annotated[float, typer.Option(help="Wall-time budget of each recovery method.")] = 600.0,
+    methods: Annotated[str, typer.Option(help="distill-full, distill-lora, lora-instructions.")] =
+        "distill-full,distill-lora,lora-instructions",
+    lr: Annotated[float, typer.Option(help="Distillation peak learning rate (full).")] = 1e-4,
+    eval_windows_n: Annotated[int, typer.Option("--eval-windows", help="Windows per corpus, spread.")] = 128,
+    datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
+    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """Recovery of the auto model at ``ratio``: distillation vs instruction LoRA at equal wall time."""
+    import copy
+
+    from gqaprune.data import load_instructions
+    from gqaprune.distill import DistillConfig, distill
+    from gqaprune.finetune import FinetuneConfig, finetune_lora, merge_adapter
+
+    torch.set_num_threads(threads)
+    cast = _caster(eval_dtype)
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
+    dense, tokenizer, pruned, samples = _rebuild(out, model, data_dir, ratio, "auto")
+    seq_len = 128
+    held = heldout_windows(tokenizer, "wikitext2", None, 16, seq_len, meta["n_samples"], seq_len, 0, data_dir=data_dir)
+    ref = dense_reference(dense, held)
+    # distillation text: every window of the calibration splits of WikiText-2 and C4, minus the held-out ones
+    text = []
+    for name in ("wikitext2", "c4"):
+        ids = corpus_token_ids(tokenizer, name, CAL_SPLIT[name], data_dir=data_dir)
+        text.append(ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len))
+    text = torch.cat(text)
+    held_rows = {tuple(r.tolist()) for r in held}
+    text = text[torch.tensor([tuple(r.tolist()) not in held_rows for r in text])]
+    evaluator = Evaluator(tokenizer, [d for d in datasets.split(",") if d], seq_len, eval_windows_n, data_dir, 16)
+    records = load_instructions("alpaca", "train", data_dir=data_dir)
+    for method in [m for m in methods.split(",") if m]:
+        student = copy.deepcopy(pruned)
+        curve: list[dict] = []
+        t = time.perf_counter()
+        if method.startswith("distill"):
+            mode = method.split("-", 1)[1]
+            cfg = DistillConfig(mode=mode, lr=lr if mode == "full" else 1e-3, max_seconds=seconds, batch_size=8)
+            student = distill(student, dense, text, cfg, log=lambda s, loss, lr_, el, curve=curve: curve.append(
+                {"step": s, "loss": loss, "t": el}))
+        elif method == "lora-instructions":
+            # the pipeline's LoRA recipe; steps set so that it runs for the same wall time
+            probe = copy.deepcopy(pruned)
+            t_probe = time.perf_counter()
+            merge_adapter(finetune_lora(probe, tokenizer, records, FinetuneConfig(max_steps=3, epochs=1, batch_size=4,
+                                                                                  max_length=128, seed=0)))
+            per_step = (time.perf_counter() - t_probe) / 3
+            steps = max(1, int((seconds - (time.perf_counter() - t)) / per_step))
+            tuned = finetune_lora(student, tokenizer, records, FinetuneConfig(
+                max_steps=steps, epochs=100, batch_size=4, max_length=128, seed=0),
+                log=lambda s, loss, lr_, curve=curve: curve.append({"step": s, "loss": loss}))
+            student = merge_adapter(tuned)
+        else:
+            raise typer.BadParameter(f"unknown method {method}")
+        train_s = time.perf_counter() - t
+        student = cast(student)
+        kl = heldout_criteria(student, ref)["kl"]
+        nll = evaluator(student)
+        row = {"method": method, "ratio": ratio, "budget_s": seconds, "train_s": round(train_s, 1),
+               "steps": len(curve), "heldout_kl": kl, **_summary(nll)}
+        print(json.dumps(row), flush=True)
+        _append(out / "recovery.csv", [row])
+        pd.DataFrame(curve).assign(method=method).to_csv(out / f"recovery_curve_{method}.csv", index=False)
+        del student
+    base = cast(copy.deepcopy(pruned))
+    row = {"method": "none", "ratio": ratio, "budget_s": 0, "train_s": 0, "steps": 0,
+           "heldout_kl": heldout_criteria(base, ref)["kl"], **_summary(evaluator(base))}
+    _append(out / "recovery.csv", [row])
+
+
+def _cell(r, d: str, dense: dict, bold: bool = False) -> str:
+    if d not in r or pd.isna(r[d]):
+        return "-"
+    text = f"{r[d]:.2f} ({r[d] / dense[d]:.2f}x) ±{r[f'{d}_se']:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def _paired(windows: pd.DataFrame, a: str, b: str, ratio: float, d: str) -> tuple[float, float]:
+    """Mean and SE over windows of NLL(a) - NLL(b) (nats), same windows."""
+    def get(s):
+        row = windows[(windows["strategy"] == s) & (windows["ratio"] == ratio) & (windows["dataset"] == d)]
+        if not len(row) and s.startswith("auto-"):  # the twin that is auto itself was not evaluated again
+            return get("auto")
+        return np.asarray(row["nll"].iloc[0], dtype=np.float64)
+
+    xa, xb = get(a), get(b)
+    if len(xa) != len(xb):  # a cheap row: every k-th of the same windows
+        k = max(len(xa), len(xb)) // min(len(xa), len(xb))
+        xa, xb = (xa[::k], xb) if len(xa) > len(xb) else (xa, xb[::k])
+    x = xa - xb
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+@app.command()
+def markdown(
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("benchmarks/results/quality2_smollm2"),
+    doc: Annotated[Path, typer.Option(help="The Markdown file written.")] = Path("benchmarks/QUALITY.md"),
+    notes: Annotated[Path, typer.Option(help="Hand-written text placed before the generated tables.")] = Path(
+        "benchmarks/quality_notes.md"),
+) -> None:
+    """Regenerate QUALITY.md: the notes, then every table from the recorded results."""
+    frame = read_results(out)
+    meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
+    datasets = meta["datasets"]
+    dense = frame[frame["strategy"] == "dense"].iloc[0]
+    windows = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("windows_*.parquet"))], ignore_index=True)
+    windows = windows.drop_duplicates(subset=["strategy", "ratio", "dataset"], keep="first")
+    lines = [notes.read_text().rstrip() if notes.exists() else "# Quality benchmark", ""]
+    lines += ["## Generated tables", "",
+              f"Model `{meta['model']}` ({meta['params_total']:,} parameters); calibration {meta['calibration']}; "
+              f"held-out {meta['heldout']}; selection criterion `{meta['criterion']}`. Evaluation: "
+              f"{meta['eval_windows']} windows of {meta['seq_len']} tokens spread evenly over each whole test split "
+              f"(of {', '.join(f'{d} {n:,}' for d, n in meta['full_windows'].items())} windows), weights in "
+              f"{meta['eval_dtype']}. Cells: perplexity (x dense) ±SE of the log-perplexity (nats, over windows); "
+              "bold: lowest of the ratio.", ""]
+    lines += ["### Every strategy at every ratio", "",
+              "| ratio | strategy | params | " + " | ".join(datasets) + " |",
+              "|---|---|---:|" + "---:|" * len(datasets),
+              "| 0% | dense | {:,} | ".format(int(dense["params"])) + " | ".join(
+                  f"{dense[d]:.2f} ±{dense[f'{d}_se']:.3f}" for d in datasets) + " |"]
+    ratios = sorted(r for r in frame["ratio"].unique() if r > 0)
+    verdicts = []
+    for ratio in ratios:
+        rows = frame[(frame["ratio"] == ratio)].copy()
+        rows["_mean"] = rows[[f"{d}_logppl" for d in datasets]].mean(axis=1)
+        rows = rows.sort_values("_mean")
+        best = {d: rows[f"{d}_logppl"].min() for d in datasets}
+        for r in rows.to_dict("records"):
+            name = r["strategy"] + (f" ({r['choice']}, {r['compensation']})" if str(r.get("choice", "nan")) != "nan"
+                                    else "")
+            cells = " | ".join(_cell(r, d, dense, r[f"{d}_logppl"] == best[d]) for d in datasets)
+            lines.append(f"| {ratio:.0%} | {name} | {int(r['params']):,} | {cells} |")
+        auto = rows[rows["strategy"] == "auto"].iloc[0]
+        # the target: auto against every other strategy (its own compensation twin excluded)
+        others = rows[~rows["strategy"].isin(["auto", "auto-oneshot", "auto-sequential"])]
+        for d in datasets:
+            o = others.loc[others[f"{d}_logppl"].idxmin()]
+            diff, se = _paired(windows, "auto", o["strategy"], ratio, d)
+            gap = auto[f"{d}_logppl"] - o[f"{d}_logppl"]
+            ok = gap <= 0 or gap <= o[f"{d}_se"]
+            verdicts.append(f"| {ratio:.0%} | {d} | {auto[d]:.2f} ±{auto[f'{d}_se']:.3f} | {o['strategy']} "
+                            f"{o[d]:.2f} ±{o[f'{d}_se']:.3f} | {diff:+.3f} ±{se:.3f} | "
+                            f"{'met' if ok else 'not met'} |")
+    lines += ["", "### Target: the default (auto) against the best other strategy", "",
+              "Best other = the lowest of the peers and our fixed variants on that corpus. Paired difference = mean "
+              "over the same windows of NLL(auto) - NLL(other), nats, ±its SE. Met = auto lower, or higher by at "
+              "most one SE of the best other row's log-perplexity.", "",
+              "| ratio | corpus | auto | best other | paired diff (nats) | target |", "|---|---|---:|---:|---:|---|",
+              *verdicts]
+    sel_files = sorted(out.glob("selection_*.csv"))
+    if sel_files:
+        sel = pd.concat([pd.read_csv(f) for f in sel_files], ignore_index=True)
+        sel = sel.drop_duplicates(subset=["ratio", "candidate"], keep="first").sort_values(["ratio"], kind="stable")
+        lines += ["", "### Allocation selection on held-out calibration windows (one-shot least squares)", "",
+                  "KL: mean KL(dense || pruned) per token; NLL: mean NLL; wikitext2 = held-out WikiText-2 validation "
+                  "windows (the criterion); ptb / c4 columns = PTB-train and C4-calibration windows, used only to "
+                  "audit the criterion. Chosen by KL (bold).", "",
+                  "| ratio | candidate | KL | NLL | ptb KL | ptb NLL | c4 KL | c4 NLL | s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        audit = []
+        for ratio, g in sel.groupby("ratio"):
+            for r in g.to_dict("records"):
+                name = f"**{r['candidate']}**" if r["chosen"] else r["candidate"]
+                lines.append(f"| {ratio:.0%} | {name} | {r['kl']:.4f} ±{r['kl_se']:.4f} | {r['nll']:.4f} | "
+                             f"{r['ptb_kl']:.4f} | {r['ptb_nll']:.4f} | {r['c4_kl']:.4f} | {r['c4_nll']:.4f} | "
+                             f"{r['seconds']:.0f} |")
+            by = {c: g.loc[g[c].idxmin(), "candidate"] for c in ("kl", "nll")}
+            other = {c: g.set_index("candidate").loc[by[c], ["ptb_nll", "c4_nll"]].mean() for c in by}
+            audit.append(f"| {ratio:.0%} | {by['kl']} | {by['nll']} | {other['kl']:.4f} | {other['nll']:.4f} |")
+        lines += ["", "Criterion audit: the candidate each criterion picks on WikiText-2 held-out windows, and that "
+                  "pick's mean NLL on the PTB-train and C4-calibration windows (lower = the criterion's choice "
+                  "carries better to other text).", "",
+                  "| ratio | KL picks | NLL picks | its ptb/c4 NLL (KL) | its ptb/c4 NLL (NLL) |",
+                  "|---|---|---|---:|---:|", *audit]
+        comp = sel.drop_duplicates("ratio")
+        lines += ["", "### Sequential vs one-shot compensation (the chosen plan, same calibration data)", "",
+                  "Held-out KL / NLL on WikiText-2 validation windows; test log-perplexities from the rows "
+                  "`auto-oneshot` and `auto-sequential` above (paired difference sequential - one-shot).", "",
+                  "| ratio | KL one-shot | KL sequential | NLL one-shot | NLL sequential | chosen | "
+                  + " | ".join(f"{d} diff (nats)" for d in datasets) + " |",
+                  "|---|---:|---:|---:|---:|---|" + "---:|" * len(datasets)]
+        for r in comp.to_dict("records"):
+            diffs = []
+            for d in datasets:
+                m, se = _paired(windows, "auto-sequential", "auto-oneshot", r["ratio"], d)
+                diffs.append(f"{m:+.3f} ±{se:.3f}")
+            lines.append(f"| {r['ratio']:.0%} | {r['compensation_oneshot_kl']:.4f} | "
+                         f"{r['compensation_sequential_kl']:.4f} | {r['compensation_oneshot_nll']:.4f} | "
+                         f"{r['compensation_sequential_nll']:.4f} | {r['compensation_chosen']} | "
+                         + " | ".join(diffs) + " |")
+    if (out / "sequential_targets.csv").exists():
+        st = pd.read_csv(out / "sequential_targets.csv")
+        lines += ["", "### Sequential targets on the three corpora's calibration splits (`sequential_targets.py`)", "",
+                  "Held-out KL(dense || pruned) on 16 windows each of WikiText-2 validation, PTB train and C4 "
+                  "calibration (no test text); same plan (the default's allocation at that ratio).", "",
+                  "| ratio | plan | compensation | wikitext2 KL | ptb KL | c4 KL | mean KL | s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in st.to_dict("records"):
+            mean = (r["wikitext2_kl"] + r["ptb_kl"] + r["c4_kl"]) / 3
+            lines.append(f"| {r['ratio']:.0%} | {r['plan']} | {r['compensation']} | {r['wikitext2_kl']:.4f} | "
+                         f"{r['ptb_kl']:.4f} | {r['c4_kl']:.4f} | {mean:.4f} | {r['seconds']:.0f} |")
+    rec_files = sorted(out.glob("recovery*.csv"))
+    rec_files = [f for f in rec_files if not f.name.startswith("recovery_curve")]
+    if rec_files:
+        rec = pd.concat([pd.read_csv(f) for f in rec_files], ignore_index=True)
+        lines += ["", "### Recovery at equal wall time", "",
+                  "| ratio | method | budget s | trained s | steps | held-out KL | " + " | ".join(datasets) + " |",
+                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]
+        for r in rec.to_dict("records"):
+            lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['budget_s']:.0f} | {r['train_s']:.0f} | "
+                         f"{int(r['steps'])} | {r['heldout_kl']:.4f} | "
+                         + " | ".join(_cell(r, d, dense) for d in datasets) + " |")
+    if (out / "full.csv").exists():
+        full_rows = pd.read_csv(out / "full.csv")
+        ds = [d for d in datasets if f"{d}_logppl" in full_rows]
+        fdense = full_rows[full_rows["strategy"] == "dense"]
+        lines += ["", "### Full test sets (every window)", "",
+                  "| ratio | strategy | " + " | ".join(f"{d} (windows)" for d in ds) + " |",
+                  "|---|---|" + "---:|" * len(ds)]
+        for r in full_rows.to_dict("records"):
+            cells = []
+            for d in ds:
+                if pd.isna(r.get(f"{d}_logppl")):
+                    cells.append("")
+                    continue
+                rel = ""
+                if len(fdense) and not pd.isna(fdense.iloc[0].get(d)):
+                    rel = f" ({r[d] / fdense.iloc[0][d]:.2f}x)"
+                cells.append(f"{r[d]:.2f}{rel} ±{r[f'{d}_se']:.3f} ({int(r[f'{d}_windows']):,})")
+            lines.append(f"| {r['ratio']:.0%} | {r['strategy']} | " + " | ".join(cells) + " |")
+    speed = out / "eval_speed.json"
+    if speed.exists():
+        sp = json.loads(speed.read_text())
+        setup = sp.pop("_setup")
+        lines += ["", "### Evaluation speed (CPU, 2 shared cores)", "",
+                  f"{setup['windows']} windows x {setup['seq_len']} tokens of WikiText-2 test per variant and round, "
+                  f"{setup['rounds']} interleaved rounds, median; load average at the end {setup['load_avg']}.", "",
+                  "| variant | tokens/s (median) | per round | log-ppl - first variant's |", "|---|---:|---|---:|"]
+        for name, v in sp.items():
+            lines.append(f"| {name} | {v['tok_s_median']:.0f} | {', '.join(f'{x:.0f}' for x in v['tok_s'])} | "
+                         f"{v['log_ppl_minus_first']:+.2e} |")
+    doc.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ __all__ = [
     "EVALUATION_SPLIT",
     "DataNotFoundError",
     "calibration_samples",
+    "calibration_starts",
     "corpus_token_ids",
+    "heldout_windows",
     "join_rows",
     "load_instructions",
     "load_rows",
@@ -391,10 +393,58 @@ def calibration_samples(
             f"{name} split {split!r} has {n_tokens} tokens, too short for {n_samples} samples x "
             f"{seq_len} tokens = {n_samples * seq_len}; ask for fewer or shorter samples"
         )
-    gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)  # [n_samples]
+    starts = calibration_starts(n_tokens, n_samples, seq_len, seed)  # [n_samples]
     offsets = torch.arange(seq_len)  # [seq_len]
     return ids[starts[:, None] + offsets[None, :]]  # [n_samples, seq_len]
+
+
+def calibration_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Start offsets ``[n_samples]`` of the windows :func:`calibration_samples` draws (same seed rule)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n_tokens - seq_len + 1, (n_samples,), generator=gen)
+
+
+def heldout_windows(
+    tokenizer,
+    name: str,
+    split: str | None,
+    n_windows: int,
+    seq_len: int,
+    exclude_samples: int,
+    exclude_seq_len: int,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Held-out calibration windows ``[n_windows, seq_len]``: same split, no token shared with calibration.
+
+    The split's stream (as for :func:`calibration_samples`) is cut into non-overlapping windows of
+    ``seq_len``; those that overlap any of the ``exclude_samples`` x ``exclude_seq_len`` windows that
+    :func:`calibration_samples` draws with ``seed`` are dropped, and ``n_windows`` of the rest are taken
+    evenly spread over the split. Used to choose settings (allocation, compensation) on data that
+    neither fitted them nor belongs to an evaluation split.
+
+    Raises:
+        ValueError: an evaluation split, or too few free windows.
+    """
+    if n_windows <= 0 or seq_len <= 1:
+        raise ValueError(f"need n_windows >= 1 and seq_len >= 2, got {n_windows}, {seq_len}")
+    split = CALIBRATION_SPLIT[name] if split is None else split
+    _check_split(name, split)
+    if split == EVALUATION_SPLIT[name]:
+        raise ValueError(f"{name} split {split!r} is the evaluation split; held-out windows come from calibration text")
+    ids = corpus_token_ids(tokenizer, name, split, data_dir=data_dir)
+    n_tokens = int(ids.numel())
+    used = torch.zeros(n_tokens, dtype=torch.bool)
+    if exclude_samples > 0 and n_tokens >= exclude_seq_len:
+        for s in calibration_starts(n_tokens, exclude_samples, exclude_seq_len, seed).tolist():
+            used[s : s + exclude_seq_len] = True
+    n_grid = n_tokens // seq_len
+    free = torch.nonzero(~used[: n_grid * seq_len].view(n_grid, seq_len).any(1)).flatten()
+    if len(free) < n_windows:
+        raise ValueError(f"{name} split {split!r} has {len(free)} windows of {seq_len} tokens free of calibration "
+                         f"text, fewer than the {n_windows} asked")
+    pick = free[torch.linspace(0, len(free) - 1, n_windows, dtype=torch.float64).round().long()]
+    return ids[: n_grid * seq_len].view(n_grid, seq_len)[pick]  # [n_windows, seq_len]
 
 
 def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None

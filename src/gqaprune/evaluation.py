@@ -16,6 +16,21 @@ Protocol (see also :mod:`gqaprune.data`):
   ``exp(cat(nlls).mean())``. As every window has the same length this also equals
   ``exp(mean over windows of the per-window mean loss)``. Sums are accumulated in float64, the
   cross-entropy is computed in float32 whatever the model's dtype.
+
+Windows over the whole split (``spread=True``): instead of the first ``max_tokens // seq_len``
+windows, ``n = max_tokens // seq_len`` windows are taken evenly spread over all the split's full
+windows (:func:`spread_windows`: indices ``round(linspace(0, n_full - 1, n))`` of the same
+non-overlapping grid), so a capped evaluation samples every article, and all windows is the full
+evaluation. Each window's NLL is kept (:attr:`PerplexityResult.window_nll`), so the standard error
+of the log-perplexity (mean over windows of the per-window mean NLL) is
+``std(window means, ddof=1) / sqrt(n)`` (:attr:`PerplexityResult.log_ppl_se`); it treats windows as
+independent draws (neighbouring windows of one article are not quite, so it is a lower bound).
+
+Speed: the logits are never materialised as ``[batch, seq_len, vocab]`` float32: the decoder
+returns final hidden states and the LM head + cross-entropy run on ``head_chunk`` rows at a time
+(:func:`window_nlls`); the result equals the full-logits path to float32 rounding. The per-window
+values stay on the device until the end (one host sync per corpus). On N ranks (``ctx``) each rank
+evaluates a contiguous share of the windows and the values are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -55,8 +70,8 @@ class PerplexityResult:
         n_windows: number of windows evaluated.
         seq_len: window length in tokens.
         capped: True when ``max_tokens`` left out some of the full windows.
-        log_ppl_se: standard error of the log-perplexity (the mean NLL) over windows: the standard
-            deviation of the per-window mean NLL / sqrt(n_windows); NaN for one window.
+        spread: True when the windows were spread evenly over the split (else the first ones).
+        window_nll: mean NLL (nats) of each evaluated window, in window order.
     """
 
     dataset: str
@@ -66,7 +81,23 @@ class PerplexityResult:
     n_windows: int
     seq_len: int
     capped: bool
-    log_ppl_se: float = float("nan")
+    spread: bool = False
+    window_nll: tuple[float, ...] = ()
+
+    @property
+    def log_ppl(self) -> float:
+        """ln(ppl): the mean over windows of the per-window mean NLL."""
+        return math.log(self.ppl)
+
+    @property
+    def log_ppl_se(self) -> float:
+        """Standard error of :attr:`log_ppl` over windows (nan with fewer than 2 windows)."""
+        n = len(self.window_nll)
+        if n < 2:
+            return float("nan")
+        mean = sum(self.window_nll) / n
+        var = sum((x - mean) ** 2 for x in self.window_nll) / (n - 1)
+        return math.sqrt(var / n)
 
 
 def _tokenizer_key(tokenizer) -> tuple:
@@ -95,6 +126,45 @@ def _input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def spread_windows(n_full: int, n_windows: int) -> torch.Tensor:
+    """Indices of ``n_windows`` of ``n_full`` grid windows, evenly spread (first and last included)."""
+    if n_windows >= n_full:
+        return torch.arange(n_full)
+    if n_windows == 1:
+        return torch.zeros(1, dtype=torch.long)
+    idx = torch.linspace(0, n_full - 1, n_windows, dtype=torch.float64).round().long()
+    return torch.unique(idx)  # strictly increasing: n_windows < n_full keeps them distinct
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, spread: bool = False
+                 ) -> tuple[torch.Tensor, int]:
+    """The evaluated windows ``[n, seq_len]`` of a token stream and the number of full windows.
+
+    ``max_tokens`` keeps ``max_tokens // seq_len`` windows: the first ones, or evenly spread over the
+    whole stream with ``spread``; None keeps them all.
+    """
+    n_full = ids.numel() // seq_len
+    grid = ids[: n_full * seq_len].view(n_full, seq_len)
+    if max_tokens is None:
+        return grid, n_full
+    n = min(n_full, max_tokens // seq_len)
+    if spread:
+        return grid[spread_windows(n_full, n)], n_full
+    return grid[:n], n_full
+
+
+def _decoder_and_head(model):
+    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, or None when not split that way."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    decoder = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    # a peft wrapper injects LoRA into the decoder's own modules, so the base decoder still applies it
+    return decoder, head
+
+
 def perplexity(
     model,
     tokenizer,
@@ -105,6 +175,8 @@ def perplexity(
     device: str | torch.device | None = None,
     data_dir: str | os.PathLike | None = None,
     ctx: DistContext | None = None,
+    spread: bool = False,
+    head_chunk: int = 1024,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a corpus' evaluation split (protocol: module docstring).
 
@@ -122,6 +194,9 @@ def perplexity(
         data_dir: local mirror directory (else ``$GQAPRUNE_DATA_DIR``, else the hub).
         ctx: default one process; on N ranks (replicated or FSDP2-sharded model) the windows are
             split over the ranks and every rank returns the same result.
+        spread: with ``max_tokens``, take the windows evenly spread over the whole split instead of
+            the first ones (:func:`spread_windows`).
+        head_chunk: rows of the LM head + cross-entropy computed at once (:func:`window_nlls`).
 
     Returns:
         :class:`PerplexityResult`.
@@ -140,71 +215,75 @@ def perplexity(
     n_full = ids.numel() // seq_len  # full windows; the partial tail is dropped
     if n_full == 0:
         raise ValueError(f"{dataset} {split!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}")
-    n_windows = n_full
-    if max_tokens is not None:
-        if max_tokens < seq_len:
-            raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
-        n_windows = min(n_full, max_tokens // seq_len)
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [n_windows, seq_len]
-    window_nll = window_nlls(model, windows, batch_size, device, ctx, desc=f"ppl {dataset}")
-
-    per_window = (window_nll / (seq_len - 1)).cpu()  # mean NLL per window; the only host sync
-    mean = float(per_window.mean())
-    se = float(per_window.std() / math.sqrt(n_windows)) if n_windows > 1 else float("nan")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise ValueError(f"max_tokens={max_tokens} is smaller than one window (seq_len={seq_len})")
+    windows, _ = eval_windows(ids, seq_len, max_tokens, spread)  # [n_windows, seq_len]
+    n_windows = windows.shape[0]
+    nll = window_nlls(model, windows, batch_size, device, ctx, head_chunk=head_chunk, desc=f"ppl {dataset}")
     return PerplexityResult(
         dataset=dataset,
         split=split,
-        ppl=math.exp(mean),
+        ppl=math.exp(float(nll.mean())),
         n_tokens=n_windows * seq_len,
         n_windows=n_windows,
         seq_len=seq_len,
         capped=n_windows < n_full,
-        log_ppl_se=se,
+        spread=bool(spread and n_windows < n_full),
+        window_nll=tuple(nll.tolist()),
     )
 
 
 def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device | None = None,
-                ctx: DistContext | None = None, desc: str = "ppl", progress: bool = True) -> torch.Tensor:
-    """Summed next-token NLL (float64, nats) of each window ``[n, seq_len] -> [n]``, on the input device.
+                ctx: DistContext | None = None, head_chunk: int = 1024, desc: str = "ppl",
+                progress: bool = True) -> torch.Tensor:
+    """Mean next-token NLL (nats, float64, on the CPU) of each window ``[n, seq_len] -> [n]``.
 
-    Windows go through the model in batches of ``batch_size`` in eval mode (the training flag is
-    restored); ``ctx``: on N ranks each rank runs a contiguous share of the batches (in lock-step when
-    the model is sharded) and every rank returns all the windows' values.
+    Runs the decoder for final hidden states and applies the LM head and cross-entropy ``head_chunk``
+    rows at a time (float32 logits), so no ``[batch, seq_len, vocab]`` tensor is built; a model that
+    cannot be split into decoder + head (or one sharded by FSDP2, whose head belongs to the root's
+    forward) goes through ``.logits``. Eval mode for the call (the training flag is restored).
+    ``ctx``: on N ranks each rank runs a contiguous share of the batches (in lock-step when the model
+    is sharded) and every rank returns all the windows' values.
     """
     ctx = ctx or single_process()
     device = _input_device(model) if device is None else torch.device(device)
-    n = windows.shape[0]
+    split = None if is_sharded(model) else _decoder_and_head(model)
+    n, seq_len = windows.shape
     out = torch.zeros(n, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
         with no_grad_mode(ctx), tqdm(total=n, desc=desc, unit="win", disable=not (progress and ctx.is_main)) as bar:
             for rows, active in ctx.batches(n, batch_size, lockstep=is_sharded(model)):
-                batch = windows[rows].to(device, non_blocking=True)  # [b, seq_len]
-                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq_len, vocab]
+                batch = windows[rows].to(device, non_blocking=True)  # [b, T]
+                if split is None:
+                    hidden = model(input_ids=batch, use_cache=False).logits[:, :-1]  # [b, T-1, V]
+                    head = None
+                else:
+                    decoder, head = split
+                    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # [b, T-1, H]
                 if active:
-                    out[rows] = _window_nll(logits, batch.to(logits.device))
+                    out[rows] = _mean_nll(hidden, head, batch[:, 1:].to(hidden.device), head_chunk).to(device)
                     bar.update(batch.shape[0])
     finally:
         model.train(was_training)
     ctx.all_reduce_(out)  # disjoint shares: the sum is every window's value
-    return out
+    return out.cpu()
 
 
-def _window_nll(logits: torch.Tensor, ids: torch.Tensor, max_bytes: int = 1 << 30) -> torch.Tensor:
-    """Summed next-token NLL (float64, nats) of each window: logits [b, seq, vocab], ids [b, seq] -> [b].
-
-    The float32 log-softmax runs over groups of windows whose float32 copy of the logits stays under
-    ``max_bytes``, so a large batch over a large vocabulary never materialises all of it at once.
-    """
-    b, seq, vocab = logits.shape
-    rows = max(1, max_bytes // max(1, (seq - 1) * vocab * 4))
-    out = torch.empty(b, dtype=torch.float64, device=logits.device)
-    for i in range(0, b, rows):
-        chunk = logits[i : i + rows, :-1].float()  # [r, seq - 1, vocab]
-        nll = F.cross_entropy(chunk.reshape(-1, vocab), ids[i : i + rows, 1:].reshape(-1), reduction="none")
-        out[i : i + rows] = nll.view(chunk.shape[0], seq - 1).double().sum(1)
-    return out
+def _mean_nll(hidden: torch.Tensor, head, labels: torch.Tensor, head_chunk: int) -> torch.Tensor:
+    """Mean next-token NLL (float64) per window from final hidden states [b, T-1, H] (or logits when
+    ``head`` is None) and labels [b, T-1]; the head and the float32 cross-entropy run ``head_chunk`` rows
+    at a time."""
+    b, t = labels.shape
+    rows = hidden.reshape(b * t, -1)
+    flat = labels.reshape(-1)
+    nll = torch.empty(b * t, dtype=torch.float32, device=hidden.device)
+    for r in range(0, rows.shape[0], head_chunk):
+        chunk = rows[r : r + head_chunk]
+        logits = (chunk if head is None else head(chunk)).float()  # [chunk, V]
+        nll[r : r + head_chunk] = F.cross_entropy(logits, flat[r : r + head_chunk], reduction="none")
+    return nll.view(b, t).double().mean(1)
 
 
 class PPLMetric(dict):
@@ -251,16 +330,17 @@ class PPLMetric(dict):
 
 def perplexities(model, tokenizer, datasets: Sequence[str], seq_len: int = 128, batch_size: int = 8,
                  max_tokens: int | None = None, data_dir: str | os.PathLike | None = None,
-                 ctx: DistContext | None = None) -> dict[str, dict]:
-    """``{dataset: {"ppl", "tokens", "capped", "split"}}`` for each corpus, ppl rounded to 4 decimals
-    (``ctx``: on N ranks, as :func:`perplexity`)."""
+                 ctx: DistContext | None = None, spread: bool = False) -> dict[str, dict]:
+    """``{dataset: {"ppl", "log_ppl_se", "tokens", "windows", "capped", "spread", "split"}}`` for each corpus,
+    rounded for the metrics files (``ctx``, ``spread``: as :func:`perplexity`)."""
     import logging
 
     log = logging.getLogger("gqaprune")
     out = {}
     for name in datasets:
         r = perplexity(model, tokenizer, dataset=name, seq_len=seq_len, batch_size=batch_size,
-                       max_tokens=max_tokens, data_dir=data_dir, ctx=ctx)
-        out[name] = {"ppl": round(r.ppl, 4), "tokens": r.n_tokens, "capped": r.capped, "split": r.split}
+                       max_tokens=max_tokens, data_dir=data_dir, ctx=ctx, spread=spread)
+        out[name] = {"ppl": round(r.ppl, 4), "log_ppl_se": round(r.log_ppl_se, 5), "tokens": r.n_tokens,
+                     "windows": r.n_windows, "capped": r.capped, "spread": r.spread, "split": r.split}
         log.info("%s/%s: ppl %.3f over %d tokens%s", name, r.split, r.ppl, r.n_tokens, " (capped)" if r.capped else "")
     return out
