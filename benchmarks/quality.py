@@ -11,10 +11,12 @@ computed once on the same calibration samples (WikiText-2 validation); held-out 
 (the same split, no token shared with the calibration samples; plus PTB-train and C4-calibration
 windows for the criterion study) are drawn once. At every ratio:
 
-* ``auto`` (the new default) chooses its allocation among :data:`gqaprune.selection.DEFAULT_CANDIDATES`
-  by KL to the dense model on the held-out windows (one-shot least squares while choosing), then
-  prunes it with sequential (layer-by-layer) or one-shot compensation, whichever has the lower
-  held-out KL. The candidate table (KL and NLL on all held-out sets) is recorded in ``selection.csv``.
+* ``auto`` (the pipeline's default, ``allocate.mode: auto``) chooses its allocation among
+  :data:`gqaprune.selection.DEFAULT_CANDIDATES` by KL to the dense model on the held-out windows of
+  all three corpora's calibration splits together, as the ``allocate`` stage does, and prunes it with
+  one-shot least-squares compensation (``surgery.compensation: lstsq``). The candidate table (KL and
+  NLL on every held-out set) is recorded in ``selection.csv``. ``auto-sequential`` is the same plan
+  with sequential (layer-by-layer) compensation, for the comparison of the two on the same data.
 * every peer and variant of ``--strategies`` is planned to the same budget and pruned.
 
 Every row is evaluated on ``--eval-windows`` windows of ``seq_len`` tokens spread evenly over each
@@ -123,7 +125,7 @@ def _setup(model, data_dir, n_samples, seq_len, gradient_batch_size, heldout_n):
     samples = calibration_samples(tokenizer, "wikitext2", None, n_samples, seq_len, 0, data_dir=data_dir)
     held = {"wikitext2": heldout_windows(tokenizer, "wikitext2", None, heldout_n, seq_len, n_samples, seq_len, 0,
                                          data_dir=data_dir)}
-    for name in ("ptb", "c4"):  # other corpora's calibration splits: only for auditing the criterion
+    for name in ("ptb", "c4"):  # the other corpora's calibration splits, as calibrate.heldout_datasets
         held[name] = heldout_windows(tokenizer, name, None, heldout_n, seq_len, 0, seq_len, 0, data_dir=data_dir)
     return dense, tokenizer, geometry, counts, samples, held
 
@@ -141,7 +143,7 @@ def run(
     heldout_n: Annotated[int, typer.Option("--heldout-windows", help="Held-out windows per corpus.")] = 16,
     criterion: Annotated[str, typer.Option(help="kl | nll (held-out selection criterion).")] = "kl",
     datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
-    gradient_batch_size: Annotated[int, typer.Option(help="Micro-batch of the Taylor scoring pass.")] = 8,
+    gradient_batch_size: Annotated[int, typer.Option(help="Micro-batch of the Taylor scoring pass (params.yaml: 4).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Evaluation windows per forward.")] = 16,
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
@@ -178,6 +180,7 @@ def run(
 
     dense_eval = cast(copy.deepcopy(dense))
     refs = {name: dense_reference(dense_eval, w) for name, w in held.items()}
+    refs["all"] = dense_reference(dense_eval, torch.cat(list(held.values())))  # what the choice is made on
     prep_s = time.perf_counter() - t0
     if not (reuse_scores and (out / "scores.parquet").exists()):
         scores.to_parquet(out / "scores.parquet", index=False)
@@ -191,7 +194,7 @@ def run(
     meta = {"model": model, "params_total": counts.total,
             "calibration": f"wikitext2/validation {n_samples} x {seq_len}", "n_samples": n_samples,
             "heldout": f"{heldout_n} x {seq_len} per corpus (wikitext2 validation, disjoint from calibration; "
-                       "ptb train, c4 calibration for the criterion audit)",
+                       "ptb train; c4 calibration half); the criterion is measured on all of them together",
             "criterion": criterion, "seq_len": seq_len, "eval_windows": eval_windows_n,
             "full_windows": evaluator.n_full, "datasets": list(evaluator.windows), "scoring_s": round(prep_s, 1),
             "dense_eval_tokens_per_s": round(sum(w.numel() for w in evaluator.windows.values()) / eval_s, 1),
@@ -225,54 +228,37 @@ def _auto_rows(ratio, dense, scores, sim, counts, geometry, base_plan, refs, sta
             print(json.dumps({"ratio": ratio, **{k: v for k, v in row.items() if k != "error"}}), flush=True)
 
         sel = select_allocation(dense, scores, sim, counts, geometry.num_layers,
-                                PlanConfig(ratio=ratio, **base_plan), refs["wikitext2"],
+                                PlanConfig(ratio=ratio, **base_plan), refs["all"],
                                 lambda d, p: cast(oneshot_pruner(stats)(d, p)), DEFAULT_CANDIDATES, criterion, log=log,
-                                audit={k: v for k, v in refs.items() if k != "wikitext2"})
+                                audit={k: v for k, v in refs.items() if k != "all"})
         select_s = time.perf_counter() - t
-        prune1 = oneshot_pruner(stats)
         table = sel.table.copy()
-        # compensation: one-shot vs sequential on the chosen plan, by the same held-out criterion
+        table["ratio"] = ratio
+        _append(files["selection"], table.to_dict("records"))
+        # the chosen plan with one-shot (the default) and with sequential compensation, compared on the same data
         t = time.perf_counter()
-        oneshot = cast(prune1(dense, sel.plan))
+        oneshot = cast(oneshot_pruner(stats)(dense, sel.plan))
         seq = cast(sequential_pruner(samples, progress=False)(dense, sel.plan))
         seq_s = time.perf_counter() - t
-        crit = {"oneshot": heldout_criteria(oneshot, refs["wikitext2"]),
-                "sequential": heldout_criteria(seq, refs["wikitext2"])}
-        for name in ("ptb", "c4"):
-            crit["oneshot"][f"{name}_kl"] = heldout_criteria(oneshot, refs[name])["kl"]
-            crit["sequential"][f"{name}_kl"] = heldout_criteria(seq, refs[name])["kl"]
-        comp = min(crit, key=lambda k: crit[k][criterion])
-        table["ratio"] = ratio
-        table["compensation_oneshot_kl"] = crit["oneshot"]["kl"]
-        table["compensation_sequential_kl"] = crit["sequential"]["kl"]
-        table["compensation_oneshot_nll"] = crit["oneshot"]["nll"]
-        table["compensation_sequential_nll"] = crit["sequential"]["nll"]
-        table["compensation_chosen"] = comp
-        _append(files["selection"], table.to_dict("records"))
-        chosen = seq if comp == "sequential" else oneshot
+        kl = {"oneshot": heldout_criteria(oneshot, refs["all"])["kl"],
+              "sequential": heldout_criteria(seq, refs["all"])["kl"]}
         (out / "plans" / f"auto_{ratio:g}.json").write_text(json.dumps({
-            "ratio": ratio, "choice": sel.choice.name, "plan": sel.choice.plan, "compensation": comp,
+            "ratio": ratio, "choice": sel.choice.name, "plan": sel.choice.plan, "compensation": "oneshot",
             "keep": {str(k): {"attn": v.attn, "mlp": v.mlp} for k, v in sel.plan.keep.items()}}, default=str))
         rows = []
-        for label, m, extra in (("auto", chosen, {"choice": sel.choice.name, "compensation": comp}),
-                                ("auto-oneshot", oneshot, {"choice": sel.choice.name, "compensation": "oneshot"}),
-                                ("auto-sequential", seq, {"choice": sel.choice.name, "compensation": "sequential"})):
-            if label != "auto" and m is chosen:
-                # the same model as auto: reuse its numbers
-                rows.append({**rows[0], "strategy": label, **extra})
-                continue
+        for label, m, comp in (("auto", oneshot, "oneshot"), ("auto-sequential", seq, "sequential")):
             t = time.perf_counter()
             nll = evaluator(m, 4 if label != "auto" and "twin" in cheap_set else 1)
             row = {"strategy": label, "ratio": ratio,
-                   "params": parameter_counts(m, get_adapter(m.config), geometry).total, **_summary(nll), **extra,
-                   "heldout_kl": crit["sequential" if m is seq else "oneshot"]["kl"],
+                   "params": parameter_counts(m, get_adapter(m.config), geometry).total, **_summary(nll),
+                   "choice": sel.choice.name, "compensation": comp, "heldout_kl": kl[comp],
                    "select_s": round(select_s, 1), "sequential_s": round(seq_s, 1),
                    "eval_s": round(time.perf_counter() - t, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             _save_windows(files["windows"], {"strategy": label, "ratio": ratio}, nll)
         _append(files["results"], rows)
-        del oneshot, seq, chosen
+        del oneshot, seq
 
 
 def _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, refs, cast, evaluator, files,
@@ -285,7 +271,7 @@ def _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, re
             pruned, plan = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[name], ratio,
                                       stats=stats)
             pruned = cast(pruned)
-            kl = heldout_criteria(pruned, refs["wikitext2"])["kl"]
+            kl = heldout_criteria(pruned, refs["all"])["kl"]
             nll = evaluator(pruned, 4 if name in cheap_set else 1)
             row = {"strategy": name, "ratio": ratio,
                    "params": parameter_counts(pruned, get_adapter(pruned.config), geometry).total, **_summary(nll),
@@ -308,7 +294,7 @@ def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, 
 
         doc = json.loads((out / "plans" / f"auto_{ratio:g}.json").read_text())
         keep = {int(k): LayerKeep(**v) for k, v in doc["keep"].items()}
-        comp = {"auto-oneshot": "oneshot", "auto-sequential": "sequential"}.get(strategy, doc["compensation"])
+        comp = {"auto-sequential": "sequential"}.get(strategy, doc["compensation"])
         plan = type("P", (), {"keep": keep})()
         if comp == "sequential":
             pruned = sequential_pruner(samples, progress=False)(dense, plan)
@@ -536,7 +522,7 @@ def markdown(
             lines.append(f"| {ratio:.0%} | {name} | {int(r['params']):,} | {cells} |")
         auto = rows[rows["strategy"] == "auto"].iloc[0]
         # the target: auto against every other strategy (its own compensation twin excluded)
-        others = rows[~rows["strategy"].isin(["auto", "auto-oneshot", "auto-sequential"])]
+        others = rows[~rows["strategy"].isin(["auto", "auto-sequential"])]
         for d in datasets:
             o = others.loc[others[f"{d}_logppl"].idxmin()]
             diff, se = _paired(windows, "auto", o["strategy"], ratio, d)
@@ -556,42 +542,32 @@ def markdown(
         sel = pd.concat([pd.read_csv(f) for f in sel_files], ignore_index=True)
         sel = sel.drop_duplicates(subset=["ratio", "candidate"], keep="first").sort_values(["ratio"], kind="stable")
         lines += ["", "### Allocation selection on held-out calibration windows (one-shot least squares)", "",
-                  "KL: mean KL(dense || pruned) per token; NLL: mean NLL; wikitext2 = held-out WikiText-2 validation "
-                  "windows (the criterion); ptb / c4 columns = PTB-train and C4-calibration windows, used only to "
-                  "audit the criterion. Chosen by KL (bold).", "",
-                  "| ratio | candidate | KL | NLL | ptb KL | ptb NLL | c4 KL | c4 NLL | s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        audit = []
+                  "KL: mean KL(dense || pruned) per token on the held-out windows of all three corpora's calibration "
+                  "splits together (the criterion, as the `allocate` stage); per-corpus columns: KL on each "
+                  "corpus's windows alone. Chosen: lowest KL (bold).", "",
+                  "| ratio | candidate | KL (all) | NLL (all) | wikitext2 KL | ptb KL | c4 KL | s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for ratio, g in sel.groupby("ratio"):
             for r in g.to_dict("records"):
                 name = f"**{r['candidate']}**" if r["chosen"] else r["candidate"]
                 lines.append(f"| {ratio:.0%} | {name} | {r['kl']:.4f} ±{r['kl_se']:.4f} | {r['nll']:.4f} | "
-                             f"{r['ptb_kl']:.4f} | {r['ptb_nll']:.4f} | {r['c4_kl']:.4f} | {r['c4_nll']:.4f} | "
-                             f"{r['seconds']:.0f} |")
-            by = {c: g.loc[g[c].idxmin(), "candidate"] for c in ("kl", "nll")}
-            other = {c: g.set_index("candidate").loc[by[c], ["ptb_nll", "c4_nll"]].mean() for c in by}
-            audit.append(f"| {ratio:.0%} | {by['kl']} | {by['nll']} | {other['kl']:.4f} | {other['nll']:.4f} |")
-        lines += ["", "Criterion audit: the candidate each criterion picks on WikiText-2 held-out windows, and that "
-                  "pick's mean NLL on the PTB-train and C4-calibration windows (lower = the criterion's choice "
-                  "carries better to other text).", "",
-                  "| ratio | KL picks | NLL picks | its ptb/c4 NLL (KL) | its ptb/c4 NLL (NLL) |",
-                  "|---|---|---|---:|---:|", *audit]
-        comp = sel.drop_duplicates("ratio")
-        lines += ["", "### Sequential vs one-shot compensation (the chosen plan, same calibration data)", "",
-                  "Held-out KL / NLL on WikiText-2 validation windows; test log-perplexities from the rows "
-                  "`auto-oneshot` and `auto-sequential` above (paired difference sequential - one-shot).", "",
-                  "| ratio | KL one-shot | KL sequential | NLL one-shot | NLL sequential | chosen | "
-                  + " | ".join(f"{d} diff (nats)" for d in datasets) + " |",
-                  "|---|---:|---:|---:|---:|---|" + "---:|" * len(datasets)]
-        for r in comp.to_dict("records"):
-            diffs = []
-            for d in datasets:
-                m, se = _paired(windows, "auto-sequential", "auto-oneshot", r["ratio"], d)
-                diffs.append(f"{m:+.3f} ±{se:.3f}")
-            lines.append(f"| {r['ratio']:.0%} | {r['compensation_oneshot_kl']:.4f} | "
-                         f"{r['compensation_sequential_kl']:.4f} | {r['compensation_oneshot_nll']:.4f} | "
-                         f"{r['compensation_sequential_nll']:.4f} | {r['compensation_chosen']} | "
-                         + " | ".join(diffs) + " |")
+                             f"{r['wikitext2_kl']:.4f} | {r['ptb_kl']:.4f} | {r['c4_kl']:.4f} | {r['seconds']:.0f} |")
+        auto_rows = frame[frame["strategy"].isin(["auto", "auto-sequential"])]
+        if "auto-sequential" in set(auto_rows["strategy"]):
+            lines += ["", "### Sequential vs one-shot compensation (the chosen plan, same calibration data)", "",
+                      "Held-out KL on the three corpora's held-out calibration windows; test: paired difference "
+                      "of the log-perplexities, sequential - one-shot (`auto-sequential` minus `auto`, nats, on "
+                      "the windows both were evaluated on).", "",
+                      "| ratio | KL one-shot | KL sequential | " + " | ".join(f"{d} diff (nats)" for d in datasets)
+                      + " |", "|---|---:|---:|" + "---:|" * len(datasets)]
+            for ratio, g in auto_rows.groupby("ratio"):
+                kl = g.set_index("strategy")["heldout_kl"]
+                diffs = []
+                for d in datasets:
+                    m, se = _paired(windows, "auto-sequential", "auto", ratio, d)
+                    diffs.append(f"{m:+.3f} ±{se:.3f}")
+                lines.append(f"| {ratio:.0%} | {kl['auto']:.4f} | {kl['auto-sequential']:.4f} | "
+                             + " | ".join(diffs) + " |")
     if (out / "sequential_targets.csv").exists():
         st = pd.read_csv(out / "sequential_targets.csv")
         lines += ["", "### Sequential targets on the three corpora's calibration splits (`sequential_targets.py`)", "",

@@ -32,7 +32,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def template(tmp_path_factory, data_dir) -> Path:
-    """A project folder after prepare, calibrate, score and similarity on a tiny random LLaMA (copy it per test)."""
+    """A project folder after prepare .. allocate on a tiny random LLaMA (copy it per test)."""
     from gqaprune.stage import execute
     from helpers import tiny_model_folder, tiny_params
 
@@ -46,7 +46,7 @@ def template(tmp_path_factory, data_dir) -> Path:
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        for stage in ("prepare", "calibrate", "score", "similarity"):
+        for stage in ("prepare", "calibrate", "score", "similarity", "allocate"):
             assert execute(stage, None, Path("params.yaml"), [], False) == 0, stage
     finally:
         os.chdir(cwd)

@@ -23,7 +23,12 @@ def test_stage_help_names_its_params():
 
 
 def test_stage_with_overrides(project):
-    result = runner.invoke(app, ["plan", "-S", "plan.ratio=0.3", "--set", "plan.temperature=0"])
+    result = runner.invoke(app, ["plan", "-S", "plan.ratio=0.3"])  # the allocation was chosen for 0.2
+    assert result.exit_code == 1 and "re-run allocate" in result.stderr
+    result = runner.invoke(app, ["allocate", "-S", "plan.ratio=0.3", "-S", "allocate.mode=fixed"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["plan", "-S", "plan.ratio=0.3", "--set", "plan.temperature=0", "-S",
+                                 "allocate.mode=fixed"])
     assert result.exit_code == 0, result.output
     analysis = json.loads((project / "artifacts/plan/pruning_analysis.json").read_text())
     assert analysis["config"]["ratio"] == 0.3 and analysis["config"]["temperature"] == 0.0
@@ -55,10 +60,9 @@ def test_ppl_missing_model_is_one_line(project):
 
 def test_export_gguf_command(tmp_path):
     """`gqaprune export-gguf` writes a GGUF llama.cpp reads back, plus a Q8_0 copy from llama.cpp's quantiser."""
-    from helpers import small_tokenizer
-
     from gqaprune.random_models import build_model
     from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+    from helpers import small_tokenizer
 
     tokenizer = small_tokenizer()
     model = build_model("tiny-llama-gqa4", vocab_size=len(tokenizer))

@@ -26,7 +26,7 @@ from helpers import tiny_model_folder, tiny_params
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune",
+ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "allocate", "plan", "surgery", "finetune",
               "evaluate_dense", "evaluate", "export"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
@@ -189,9 +189,10 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     repo.git("commit", "-q", "-m", "finetune lr 5e-3")
     baseline = json.loads((root / "metrics/evaluate.json").read_text())
 
-    # 4. plan.ratio, changed as an experiment: plan, surgery, finetune, evaluate re-run (not prepare,
-    # calibrate, score, similarity or evaluate_dense)
-    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"plan", "surgery", "finetune", "evaluate", "export"}
+    # 4. plan.ratio, changed as an experiment: allocate, plan, surgery, finetune, evaluate, export re-run (not
+    # prepare, calibrate, score, similarity or evaluate_dense)
+    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"allocate", "plan", "surgery", "finetune", "evaluate",
+                                                              "export"}
     experiment = json.loads((root / "metrics/evaluate.json").read_text())
     assert experiment["params_after"] < baseline["params_after"]
     assert experiment["ppl"]["dense"] == baseline["ppl"]["dense"]

@@ -199,7 +199,8 @@ def test_plan_refuses_scores_of_another_model(project, capsys):
     ["plan.strategy=layer", "plan.temperature=1"],
 ])
 def test_every_strategy_through_the_stage(project, capsys, overrides):
-    code, err = run("plan", capsys, *overrides)
+    assert run("allocate", capsys, "allocate.mode=fixed")[0] == 0  # the plan section as written
+    code, err = run("plan", capsys, "allocate.mode=fixed", *overrides)
     assert code == 0, err
     analysis = json.loads((project / "artifacts/plan/pruning_analysis.json").read_text())
     assert analysis["params_removed"] > 0

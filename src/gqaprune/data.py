@@ -76,6 +76,7 @@ __all__ = [
     "EVALUATION_SPLIT",
     "DataNotFoundError",
     "calibration_samples",
+    "calibration_text_windows",
     "calibration_starts",
     "corpus_token_ids",
     "heldout_windows",
@@ -445,6 +446,23 @@ def heldout_windows(
                          f"text, fewer than the {n_windows} asked")
     pick = free[torch.linspace(0, len(free) - 1, n_windows, dtype=torch.float64).round().long()]
     return ids[: n_grid * seq_len].view(n_grid, seq_len)[pick]  # [n_windows, seq_len]
+
+
+def calibration_text_windows(tokenizer, names: Sequence[str], seq_len: int,
+                             data_dir: str | os.PathLike | None = None,
+                             exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Every non-overlapping window ``[n, seq_len]`` of the calibration splits of ``names``, in order, minus
+    the rows equal to a row of ``exclude`` (held-out windows). Training text for distillation: calibration
+    text only, never an evaluation split."""
+    parts = []
+    for name in names:
+        ids = corpus_token_ids(tokenizer, name, CALIBRATION_SPLIT[name], data_dir=data_dir)
+        parts.append(ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len))
+    windows = torch.cat(parts)
+    if exclude is not None and len(exclude):
+        held = {tuple(row.tolist()) for row in exclude}
+        windows = windows[torch.tensor([tuple(row.tolist()) not in held for row in windows], dtype=torch.bool)]
+    return windows
 
 
 def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None

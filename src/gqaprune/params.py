@@ -22,10 +22,10 @@ import yaml
 
 from .corpora import calibration_corpora, evaluation_corpora, instruction_corpora
 from .errors import GqapruneError
-from .schema import GGUF_DTYPES, GGUF_QUANT_TYPES, METRICS
+from .schema import ALLOCATION_CANDIDATES, GGUF_DTYPES, GGUF_QUANT_TYPES, METRICS
 
 DTYPES = ("float32", "bfloat16", "float16")
-COMPENSATIONS = ("none", "bias", "lstsq")
+COMPENSATIONS = ("none", "bias", "lstsq", "sequential")
 STRATEGIES = ("hgsp", "uniform", "layer")
 PRIOR_NORMS = ("kind", "none")
 NORMALIZATIONS = ("none", "standardize")
@@ -169,18 +169,58 @@ class PrepareParams(Section):
 
 @dataclass(frozen=True)
 class CalibrateParams(Section):
-    """Calibration samples: n_samples windows of seq_len tokens from a corpus's calibration split."""
+    """Calibration samples: n_samples windows of seq_len tokens from a corpus's calibration split.
+
+    Also ``heldout_windows`` windows from the calibration split of each of ``heldout_datasets``, none
+    sharing a token with the calibration samples: the data the ``allocate`` stage chooses the allocation
+    on (never an evaluation split). ``heldout_windows: 0`` draws none (``allocate.mode: fixed``).
+    """
 
     section: ClassVar[str] = "calibrate"
     dataset: str = "wikitext2"
     n_samples: int = 32
     seq_len: int = 128
     seed: int = 0
+    heldout_windows: int = 16
+    heldout_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
 
     def rules(self):
+        bad = [d for d in self.heldout_datasets if d not in calibration_corpora()]
         return [_choice(self.dataset, calibration_corpora(), self.key("dataset")),
                 _rule(self.n_samples >= 1, self.key("n_samples"), ">= 1", self.n_samples),
-                _rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len)]
+                _rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len),
+                _rule(self.heldout_windows >= 0, self.key("heldout_windows"), ">= 0", self.heldout_windows),
+                _rule(not bad and (self.heldout_datasets or not self.heldout_windows), self.key("heldout_datasets"),
+                      f"a list of {calibration_corpora()}", self.heldout_datasets)]
+
+
+@dataclass(frozen=True)
+class AllocateParams(Section):
+    """How the allocation (the plan's prior settings) is chosen for the requested ratio.
+
+    ``auto``: every candidate of ``candidates`` (names of :data:`gqaprune.schema.ALLOCATION_CANDIDATES`)
+    is planned at ``plan.ratio``, a copy of the dense model is pruned with it and compensated as
+    ``surgery`` says, and the one with the lowest ``criterion`` on the held-out calibration windows wins:
+    ``kl`` (mean KL(dense || pruned) of the next-token distributions) or ``nll``. ``fixed``: the
+    ``plan`` section as written. The candidates' overrides replace the plan keys they name.
+    """
+
+    section: ClassVar[str] = "allocate"
+    mode: str = "auto"
+    criterion: str = "kl"
+    candidates: list[str] = field(default_factory=lambda: list(ALLOCATION_CANDIDATES))
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        bad = [c for c in self.candidates if c not in ALLOCATION_CANDIDATES]
+        return [_choice(self.mode, ("auto", "fixed"), self.key("mode")),
+                _choice(self.criterion, ("kl", "nll"), self.key("criterion")),
+                _rule(bool(self.candidates) and not bad, self.key("candidates"),
+                      f"a non-empty list of {list(ALLOCATION_CANDIDATES)}", self.candidates),
+                _rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
+                _choice(self.dtype, DTYPES, self.key("dtype"))]
 
 
 @dataclass(frozen=True)
@@ -263,7 +303,13 @@ class PlanConfig(Section):
 
 @dataclass(frozen=True)
 class SurgeryParams(Section):
-    """Slicing the model, output compensation (none | bias | lstsq) and saving the pruned checkpoint."""
+    """Slicing the model, output compensation and saving the pruned checkpoint.
+
+    ``compensation``: ``lstsq`` (refit o_proj / down_proj by ridge least squares on the dense model's
+    calibration activations, one shot), ``bias`` (FLAP's mean-shift bias), ``none``, or ``sequential``
+    (refit layer by layer with the inputs of the already-pruned prefix; one process only; measured
+    worse than one-shot on held-out data, benchmarks/QUALITY.md).
+    """
 
     section: ClassVar[str] = "surgery"
     compensation: str = "lstsq"
@@ -348,16 +394,39 @@ class FinetuneConfig(Section):
 
 @dataclass(frozen=True)
 class FinetuneParams(FinetuneConfig):
-    """LoRA recovery (see :class:`FinetuneConfig`) plus where and whether to run it."""
+    """Recovery of the pruned model, and where and whether to run it.
+
+    ``method``: ``lora`` (LoRA on the instruction corpus ``dataset``, the settings of
+    :class:`FinetuneConfig`; runs on N processes) or ``distill`` (train the pruned model towards the
+    dense model's next-token distributions, KL on the logits, on every window of the calibration splits
+    of ``distill_corpora`` that is not a held-out window; ``distill_mode`` ``full`` trains every weight,
+    ``lora`` adapters; ``max_steps`` and/or ``distill_max_seconds`` bound it; one process).
+    """
 
     enabled: bool = True
+    method: str = "lora"
     dataset: str = "alpaca"
     merge: bool = True
+    distill_mode: str = "full"
+    distill_lr: float = 2e-4
+    distill_batch_size: int = 8
+    distill_max_seconds: float | None = None
+    distill_corpora: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
     dtype: str = "float32"
     device: str = "auto"
 
     def rules(self):
-        return [*super().rules(), _choice(self.dataset, instruction_corpora(), self.key("dataset")),
+        bad = [d for d in self.distill_corpora if d not in calibration_corpora()]
+        return [*super().rules(), _choice(self.method, ("lora", "distill"), self.key("method")),
+                _choice(self.dataset, instruction_corpora(), self.key("dataset")),
+                _choice(self.distill_mode, ("full", "lora"), self.key("distill_mode")),
+                _rule(_is_num(self.distill_lr) and self.distill_lr > 0, self.key("distill_lr"), "a number > 0",
+                      self.distill_lr),
+                _rule(self.distill_batch_size >= 1, self.key("distill_batch_size"), ">= 1", self.distill_batch_size),
+                _rule(self.distill_max_seconds is None or self.distill_max_seconds > 0,
+                      self.key("distill_max_seconds"), "null or > 0", self.distill_max_seconds),
+                _rule(bool(self.distill_corpora) and not bad, self.key("distill_corpora"),
+                      f"a non-empty list of {calibration_corpora()}", self.distill_corpora),
                 _choice(self.dtype, DTYPES, self.key("dtype"))]
 
     def config(self) -> FinetuneConfig:
@@ -368,12 +437,17 @@ class FinetuneParams(FinetuneConfig):
 
 @dataclass(frozen=True)
 class EvaluateParams(Section):
-    """Perplexity: non-overlapping seq_len windows; max_tokens caps evaluated tokens per dataset (null: all)."""
+    """Perplexity: non-overlapping seq_len windows; max_tokens caps evaluated tokens per dataset (null: all).
+
+    ``spread``: the capped windows are spread evenly over the whole test split (every article), not
+    the first ones; the standard error of each log-perplexity is reported next to it.
+    """
 
     section: ClassVar[str] = "evaluate"
     datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     seq_len: int = 128
     max_tokens: int | None = None
+    spread: bool = True
     batch_size: int = 8
     dtype: str = "float32"
     device: str = "auto"
@@ -427,6 +501,7 @@ class Params:
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     score: ScoreParams = field(default_factory=ScoreParams)
     similarity: SimilarityParams = field(default_factory=SimilarityParams)
+    allocate: AllocateParams = field(default_factory=AllocateParams)
     plan: PlanConfig = field(default_factory=PlanConfig)
     surgery: SurgeryParams = field(default_factory=SurgeryParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)

@@ -67,8 +67,8 @@ def plot_importance(sim: pd.DataFrame, out: StageOutputs) -> None:
 
 
 def plot_finetune_loss(losses: pd.DataFrame, out: StageOutputs) -> None:
-    """LoRA training loss per optimizer step (PNG)."""
-    fig, ax = _figure("LoRA recovery: training loss", "step", "loss")
+    """Recovery (LoRA or distillation) training loss per optimizer step (PNG)."""
+    fig, ax = _figure("recovery: training loss", "step", "loss")
     if len(losses):
         ax.plot(losses["step"], losses["loss"])
     _save_png(fig, out(PLOTS_DIR / "finetune_loss.png"))

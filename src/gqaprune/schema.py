@@ -62,3 +62,14 @@ class ParamCounts:
 GGUF_DTYPES = ("f32", "f16", "bf16")
 #: llama.cpp quantisation types offered by :func:`gqaprune.gguf_export.quantize_gguf` (name -> llama_ftype value)
 GGUF_QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "F16": 1, "BF16": 32}
+
+#: Candidate allocations of the adaptive default (``select.allocation: auto``): name -> plan overrides.
+#: From pure importance to strong layer-wise similarity priors, plus the same ratio in every layer.
+ALLOCATION_CANDIDATES: dict[str, dict] = {
+    "T0": {"temperature": 0.0},
+    "T0.5-tauinf": {"temperature": 0.5, "tau": float("inf")},
+    "T1-tauinf": {"temperature": 1.0, "tau": float("inf")},
+    "T2-tauinf": {"temperature": 2.0, "tau": float("inf")},
+    "T1": {"temperature": 1.0},
+    "uniform": {"strategy": "uniform", "temperature": 0.0},
+}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .plan import Plan, PlanConfig, build_plan
+from .schema import ALLOCATION_CANDIDATES
 
 CRITERIA = ("kl", "nll")
 
@@ -47,14 +48,8 @@ class Candidate:
 
 
 #: The default candidate allocations (all with Taylor importance, per-kind prior normalisation).
-DEFAULT_CANDIDATES: tuple[Candidate, ...] = (
-    Candidate("T0", dict(temperature=0.0)),
-    Candidate("T0.5-tauinf", dict(temperature=0.5, tau=float("inf"))),
-    Candidate("T1-tauinf", dict(temperature=1.0, tau=float("inf"))),
-    Candidate("T2-tauinf", dict(temperature=2.0, tau=float("inf"))),
-    Candidate("T1", dict(temperature=1.0)),
-    Candidate("uniform", dict(strategy="uniform", temperature=0.0)),
-)
+DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(name, dict(plan))
+                                                   for name, plan in ALLOCATION_CANDIDATES.items())
 
 
 @dataclass

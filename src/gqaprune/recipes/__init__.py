@@ -5,9 +5,10 @@ Layout (every path is a DVC output; the recipes write them through :class:`~gqap
     data/corpora/                       prepare      corpora snapshot in the local-mirror layout
     artifacts/model/                    prepare      dense model (safetensors + tokenizer) or a reference to it
     artifacts/model.json                prepare      fingerprint, geometry, parameter counts
-    artifacts/calibration/              calibrate    samples.safetensors [n, seq_len] + provenance
+    artifacts/calibration/              calibrate    samples.safetensors [n, seq_len], heldout.safetensors
     artifacts/scores/importance.parquet score        one row per group, one column per metric
     artifacts/similarity/               similarity   layer / attn / mlp importance
+    artifacts/allocate/                 allocate     allocation.json (the chosen allocation), candidates.csv
     artifacts/plan/                     plan         plan.json, global_group_table.{csv,parquet},
                                                      layer_summary.csv, pruning_analysis.json
     artifacts/pruned/                   surgery      pruned checkpoint
@@ -33,6 +34,7 @@ MODEL_INFO = Path("artifacts/model.json")
 CALIBRATION_DIR = Path("artifacts/calibration")
 SCORES_DIR = Path("artifacts/scores")
 SIMILARITY_DIR = Path("artifacts/similarity")
+ALLOCATE_DIR = Path("artifacts/allocate")
 PLAN_DIR = Path("artifacts/plan")
 PRUNED_DIR = Path("artifacts/pruned")
 FINETUNE_DIR = Path("artifacts/finetune")
@@ -63,6 +65,8 @@ _TABLE = [  # name, summary, params sections, outputs (its metrics file added), 
      (P.ScoreParams,), (SCORES_DIR,), ()),
     ("similarity", "Layer and block importance, 1 - cos(input, output), from forward passes.",
      (P.SimilarityParams,), (SIMILARITY_DIR,), ("layer_importance",)),
+    ("allocate", "Choose the allocation for the ratio among candidate priors by held-out calibration KL.",
+     (P.AllocateParams,), (ALLOCATE_DIR,), ()),
     ("plan", "Build the H-GSP plan, the global group table and pruning_analysis.json.",
      (P.PlanConfig,), (PLAN_DIR,), ("kept_fraction",)),
     ("surgery", "Slice the dense model by the plan and save the pruned checkpoint.",

@@ -1,4 +1,10 @@
-"""Stage ``calibrate``: tokenised calibration windows ``[n_samples, seq_len]`` with their provenance."""
+"""Stage ``calibrate``: calibration windows ``[n_samples, seq_len]`` and held-out calibration windows.
+
+``samples.safetensors`` holds the windows that scoring, similarity and compensation fit on;
+``heldout.safetensors`` holds, per corpus of ``calibrate.heldout_datasets``, windows of that corpus'
+calibration split sharing no token with the samples: what ``select`` chooses the allocation on.
+Neither ever touches an evaluation split.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import logging
 
 from ..artifacts import StageOutputs, atomic_path
 from ..corpora import get_corpus
-from ..data import calibration_samples
+from ..data import calibration_samples, heldout_windows
 from ..distributed import DistContext
 from ..params import Params
 from . import CALIBRATION_DIR, CORPORA_DIR, MODEL_DIR
@@ -16,7 +22,7 @@ log = logging.getLogger("gqaprune")
 
 
 def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
-    """Draw the calibration samples from the corpora snapshot with the dense model's tokenizer."""
+    """Draw the calibration samples and held-out windows from the corpora snapshot with the model's tokenizer."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -29,5 +35,17 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
             "seq_len": str(c.seq_len), "seed": str(c.seed), "fingerprint": fp}
     with atomic_path(out(CALIBRATION_DIR / "samples.safetensors")) as tmp:
         save_file({"input_ids": samples.contiguous()}, str(tmp), metadata=dict(sorted(meta.items())))
-    log.info("calibration: %d x %d tokens of %s/%s", c.n_samples, c.seq_len, c.dataset, meta["split"])
-    stage_metrics(out, "calibrate", timer, {"calibration_tokens": samples.numel()})
+    heldout = {}
+    for name in c.heldout_datasets if c.heldout_windows else []:
+        # the calibration samples' windows are excluded from the corpus they were drawn from
+        excluded = c.n_samples if name == c.dataset else 0
+        heldout[name] = heldout_windows(tokenizer, name, None, c.heldout_windows, c.seq_len, excluded, c.seq_len,
+                                        c.seed, data_dir=CORPORA_DIR).contiguous()
+    held_meta = {"datasets": ",".join(heldout), "windows": str(c.heldout_windows), "seq_len": str(c.seq_len),
+                 "fingerprint": fp}
+    with atomic_path(out(CALIBRATION_DIR / "heldout.safetensors")) as tmp:
+        save_file(heldout, str(tmp), metadata=dict(sorted(held_meta.items())))
+    log.info("calibration: %d x %d tokens of %s/%s; held-out: %d windows of %s", c.n_samples, c.seq_len, c.dataset,
+             meta["split"], c.heldout_windows, ", ".join(heldout) or "none")
+    stage_metrics(out, "calibrate", timer, {"calibration_tokens": samples.numel(),
+                                            "heldout_tokens": sum(w.numel() for w in heldout.values())})

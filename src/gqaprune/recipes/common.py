@@ -41,3 +41,21 @@ def load_calibration(expected_fingerprint: str) -> tuple[torch.Tensor, dict]:
         meta = dict(sorted((f.metadata() or {}).items()))
     check_fingerprint(meta, expected_fingerprint, f"calibration samples {path}")
     return load_file(str(path))["input_ids"], meta
+
+
+def load_heldout(expected_fingerprint: str) -> torch.Tensor:
+    """The held-out calibration windows of every configured corpus, concatenated ``[n, seq_len]``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = CALIBRATION_DIR / "heldout.safetensors"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; run the calibrate stage first")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    check_fingerprint(meta, expected_fingerprint, f"held-out windows {path}")
+    windows = load_file(str(path))
+    if not windows:
+        raise InputError(f"{path} holds no windows; set calibrate.heldout_windows > 0 (select.allocation: auto "
+                         "chooses on them) or select.allocation: fixed")
+    return torch.cat([windows[name] for name in meta["datasets"].split(",")])

@@ -22,7 +22,8 @@ def _check_belongs(pruned, dense: dict, analysis: dict, e) -> None:
         if fp != source:
             raise ArtifactMismatchError(f"{what} belongs to model {fp}, the pruned checkpoint to {source}; "
                                         "re-run the pipeline (dvc repro)")
-    if dense.get("seq_len") != e.seq_len or set(dense.get("ppl", {})) != set(e.datasets):
+    if (dense.get("seq_len"), dense.get("spread"), dense.get("max_tokens")) != (e.seq_len, e.spread, e.max_tokens) \
+            or set(dense.get("ppl", {})) != set(e.datasets):
         raise InputError(f"{DENSE_PPL} was measured with other evaluate settings; re-run evaluate_dense")
 
 
@@ -40,7 +41,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
         pruned = load_model(PRUNED_DIR, e.dtype, e.device, ctx, placement)
     _check_belongs(pruned, dense, analysis, e)
     measure = lambda model: perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size,  # noqa: E731
-                                         e.max_tokens, CORPORA_DIR, ctx)
+                                         e.max_tokens, CORPORA_DIR, ctx, spread=e.spread)
     with timer.phase("evaluate"):
         results = {"dense": dense["ppl"], "pruned": measure(pruned)}
     status = read_json(FINETUNE_DIR / "status.json")
@@ -65,11 +66,13 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
         "ratio_total": round(analysis["ratio_total"], 5),
         "ratio_prunable": round(analysis["ratio_prunable"], 5),
         "ppl": {model: {name: r["ppl"] for name, r in per.items()} for model, per in results.items()},
+        "log_ppl_se": {model: {name: r["log_ppl_se"] for name, r in per.items()} for model, per in results.items()},
         "ppl_ratio_to_dense": {
             model: {name: round(r["ppl"] / results["dense"][name]["ppl"], 4) for name, r in per.items()
                     if name in results["dense"]}
             for model, per in results.items() if model != "dense"
         },
         "tokens_evaluated": {name: r["tokens"] for name, r in results["pruned"].items()},
+        "spread": e.spread,
         "capped": any(r["capped"] for r in results["pruned"].values()),
     }, ctx)

@@ -26,8 +26,10 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
         model, fp, _ = load_dense(params, e, ctx)
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     with timer.phase("evaluate"):
-        result = perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size, e.max_tokens, CORPORA_DIR, ctx)
+        result = perplexities(model, tokenizer, e.datasets, e.seq_len, e.batch_size, e.max_tokens, CORPORA_DIR, ctx,
+                              spread=e.spread)
     if not ctx.is_main:  # every rank has the result; the main rank writes it
         return
-    write_json(out(DENSE_PPL), {"fingerprint": fp, "seq_len": e.seq_len, "dtype": e.dtype, "ppl": result})
+    write_json(out(DENSE_PPL), {"fingerprint": fp, "seq_len": e.seq_len, "dtype": e.dtype, "spread": e.spread,
+                                "max_tokens": e.max_tokens, "ppl": result})
     stage_metrics(out, "evaluate_dense", timer, ctx=ctx)

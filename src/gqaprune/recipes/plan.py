@@ -9,23 +9,51 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ..artifacts import StageOutputs, check_fingerprint, read_table, write_csv, write_json, write_table
+from ..artifacts import (
+    ArtifactMismatchError,
+    StageOutputs,
+    check_fingerprint,
+    read_json,
+    read_table,
+    write_csv,
+    write_json,
+    write_table,
+)
 from ..distributed import DistContext
-from ..params import Params
+from ..params import Params, PlanConfig
 from ..plan import build_plan
 from ..plots import plot_kept_fraction
 from ..schema import ParamCounts
-from . import PLAN_DIR, SCORES, SIMILARITY
+from . import ALLOCATE_DIR, PLAN_DIR, SCORES, SIMILARITY
 from .records import Timer, model_meta, stage_metrics
 
 log = logging.getLogger("gqaprune")
 
 
+def _selected_config(params: Params, fp: str) -> tuple[PlanConfig, str]:
+    """The plan section with the allocation the allocate stage chose, and its name (refused when made for
+    another model or ratio)."""
+    allocation = read_json(ALLOCATE_DIR / "allocation.json")
+    check_fingerprint(allocation, fp, f"allocation choice {ALLOCATE_DIR / 'allocation.json'}")
+    if allocation.get("mode") != params.allocate.mode:
+        raise ArtifactMismatchError(f"{ALLOCATE_DIR / 'allocation.json'} was made with allocate.mode="
+                                    f"{allocation.get('mode')}, not {params.allocate.mode}; re-run allocate")
+    if allocation.get("ratio") != params.plan.ratio:
+        raise ArtifactMismatchError(f"the allocation in {ALLOCATE_DIR / 'allocation.json'} was chosen for plan.ratio="
+                                    f"{allocation.get('ratio')}, not {params.plan.ratio}; re-run allocate")
+    config = dataclasses.replace(params.plan, **allocation.get("plan", {}))
+    config.validate()
+    chosen = allocation.get("chosen") or "fixed"
+    if chosen != "fixed":
+        log.info("plan: allocation %s chosen by allocate (%s)", chosen, allocation.get("plan"))
+    return config, chosen
+
+
 def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Plan from the scores (and similarity, when the settings use it) of the prepared model."""
     timer = Timer()
-    cfg = params.plan
     fp = model_meta()["fingerprint"]
+    cfg, allocation = _selected_config(params, fp)
     scores, meta = read_table(SCORES)
     check_fingerprint(meta, fp, f"importance table {SCORES}")
     sim = None
@@ -35,14 +63,15 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
     counts = ParamCounts(**meta["param_counts"])
     result = build_plan(scores, sim, counts, int(meta["num_layers"]), cfg)
     keep = {str(layer): dataclasses.asdict(k) for layer, k in result.keep.items()}
-    plan_doc = {"fingerprint": fp, "params": dataclasses.asdict(cfg), "keep": keep}
+    plan_doc = {"fingerprint": fp, "allocation": allocation, "params": dataclasses.asdict(cfg), "keep": keep}
     write_json(out(PLAN_DIR / "plan.json"), plan_doc)
     table = result.table.copy()
     table["kind"] = table["kind"].astype(str)
     write_table(out(PLAN_DIR / "global_group_table.parquet"), table, {"fingerprint": fp})
     write_csv(out(PLAN_DIR / "global_group_table.csv"), table)
     write_csv(out(PLAN_DIR / "layer_summary.csv"), result.layers)
-    write_json(out(PLAN_DIR / "pruning_analysis.json"), {**result.analysis, "fingerprint": fp})
+    write_json(out(PLAN_DIR / "pruning_analysis.json"), {**result.analysis, "allocation": allocation,
+                                                         "fingerprint": fp})
     plot_kept_fraction(result.layers, out)
     a = result.analysis
     stage_metrics(out, "plan", timer, {

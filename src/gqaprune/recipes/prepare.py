@@ -69,8 +69,10 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
         get_adapter(config)  # an unsupported family fails here, before any weight is read
     mirror = _check_data_dir(params)
     names = [params.calibrate.dataset, *params.evaluate.datasets]
+    if params.calibrate.heldout_windows:
+        names += params.calibrate.heldout_datasets
     if params.finetune.enabled:
-        names.append(params.finetune.dataset)
+        names += params.finetune.distill_corpora if params.finetune.method == "distill" else [params.finetune.dataset]
     with timer.phase("corpora"):
         written = snapshot_corpora(sorted(set(names)), out(CORPORA_DIR), mirror)
 

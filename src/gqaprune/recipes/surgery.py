@@ -38,18 +38,22 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
         raise ArtifactMismatchError(f"plan {PLAN_DIR / 'plan.json'} was made for model {doc.get('fingerprint')}, "
                                     f"not for {MODEL_DIR} ({fp}); re-run score and plan")
     keep = {int(layer): LayerKeep(**k) for layer, k in doc["keep"].items()}
-    replacements = None
-    if s.compensation != "none":
+    replacements, done = None, None
+    if s.compensation == "sequential":
+        model, done = _sequential(model, keep, fp, s, ctx, timer)
+        keep = {}  # the model is pruned already: it is saved as it is
+    elif s.compensation != "none":
         samples, _ = load_calibration(fp)
         with timer.phase("compensation"):
             replacements = compensate(model, keep, samples, s.compensation, s.ridge, s.batch_size, ctx=ctx)
         log.info("compensation %s: refitted %d output projections", s.compensation, len(replacements.owners))
     layout = pruned_layout(model, keep, replacements)  # on the meta device: config, report, shapes
-    report = layout.report
+    report = done or layout.report
     adapter = get_adapter(layout.model.config)
     counts = parameter_counts(layout.model, adapter, adapter.geometry(layout.model.config))
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    info = {"source_fingerprint": fp, "plan": doc["params"], "surgery": dataclasses.asdict(s),
+    info = {"source_fingerprint": fp, "plan": doc["params"], "allocation": doc.get("allocation"),
+            "surgery": dataclasses.asdict(s),
             "removed_layers": report.removed_layers,
             "params_before": meta["params"]["total"], "params_after": counts.total}
     with timer.phase("save"):
@@ -62,3 +66,15 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     if ctx.is_main:
         stage_metrics(out, "surgery", timer, {"params_after": counts.total, "layers_after": len(report.kept_layers)},
                       ctx)
+
+
+def _sequential(model, keep: dict, fp: str, s, ctx: DistContext, timer: Timer):
+    """(The dense model pruned by ``keep`` with layer-by-layer compensation, its report); one process."""
+    from ..errors import InputError
+    from ..sequential import sequential_prune
+
+    if ctx.is_distributed:
+        raise InputError("surgery.compensation: sequential runs on one process; use lstsq on several")
+    samples, _ = load_calibration(fp)
+    with timer.phase("compensation"):
+        return sequential_prune(model, keep, samples, s.ridge, batch_size=s.batch_size, progress=False)

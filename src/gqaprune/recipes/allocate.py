@@ -1,0 +1,93 @@
+"""Stage ``allocate``: choose the allocation for ``plan.ratio`` on held-out calibration windows.
+
+With ``allocate.mode: auto`` every candidate allocation is planned at the requested ratio, a copy
+of the dense model is pruned with it and compensated as ``surgery`` will (one-shot statistics
+gathered once), and the candidate whose pruned copy is closest to the dense model on the held-out
+windows of every configured corpus wins (``allocate.criterion``). The plan stage applies the choice, so
+``plan`` itself stays a pure table-to-plan step. ``fixed`` records the plan section as written.
+The artifact holds the choice and every candidate's criterion values (no timings: those are metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..artifacts import ArtifactMismatchError, StageOutputs, check_fingerprint, read_table, write_csv, write_json
+from ..distributed import DistContext
+from ..errors import InputError
+from ..params import Params
+from ..schema import ALLOCATION_CANDIDATES, ParamCounts
+from . import ALLOCATE_DIR, SCORES, SIMILARITY
+from .records import Timer, model_meta, stage_metrics
+
+log = logging.getLogger("gqaprune")
+
+
+def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
+    """Write artifacts/allocate/allocation.json (and candidates.csv with every candidate's values)."""
+    timer = Timer()
+    sel = params.allocate
+    fp = model_meta()["fingerprint"]
+    doc = {"fingerprint": fp, "mode": sel.mode, "criterion": sel.criterion, "ratio": params.plan.ratio}
+    if sel.mode == "fixed":
+        write_json(out(ALLOCATE_DIR / "allocation.json"), {**doc, "chosen": "fixed", "plan": {}})
+        write_csv(out(ALLOCATE_DIR / "candidates.csv"), _empty_table())
+        stage_metrics(out, "allocate", timer, {"mode": "fixed"})
+        return
+    if params.surgery.compensation == "sequential":
+        raise InputError("allocate.mode: auto prunes each candidate with one-shot compensation; with "
+                         "surgery.compensation: sequential set allocate.mode: fixed")
+    scores, meta = read_table(SCORES)
+    check_fingerprint(meta, fp, f"importance table {SCORES}")
+    sim, sim_meta = read_table(SIMILARITY)
+    check_fingerprint(sim_meta, fp, f"similarity table {SIMILARITY}")
+    chosen = _choose(params, scores, sim, ParamCounts(**meta["param_counts"]), int(meta["num_layers"]), fp, timer)
+    write_json(out(ALLOCATE_DIR / "allocation.json"), {**doc, "chosen": chosen["name"], "plan": chosen["plan"],
+                                                    "candidates": chosen["rows"]})
+    write_csv(out(ALLOCATE_DIR / "candidates.csv"), chosen["table"])
+    log.info("allocate: %s (%s %.4f)", chosen["name"], sel.criterion, chosen["value"])
+    stage_metrics(out, "allocate", timer, {"mode": "auto", "chosen": chosen["name"],
+                                         sel.criterion: round(chosen["value"], 5)})
+
+
+def _choose(params: Params, scores, sim, counts: ParamCounts, num_layers: int, fp: str, timer: Timer) -> dict:
+    """Run the candidates on the dense model; the chosen one's name, plan overrides and the table."""
+    import torch
+
+    from ..compensation import collect_stats
+    from ..selection import Candidate, oneshot_pruner, select_allocation
+    from .common import load_calibration, load_dense, load_heldout
+
+    sel, s = params.allocate, params.surgery
+    with timer.phase("load"):
+        dense, model_fp, _ = load_dense(params, sel, _one_process())
+        if model_fp != fp:
+            raise ArtifactMismatchError("the model changed while allocate ran; re-run prepare")
+        samples, _ = load_calibration(fp)
+        heldout = load_heldout(fp)
+    with timer.phase("statistics"):
+        layers = list(range(num_layers))
+        stats = collect_stats(dense, samples, layers, s.batch_size, progress=False) if s.compensation != "none" else {}
+    candidates = [Candidate(name, dict(ALLOCATION_CANDIDATES[name])) for name in sel.candidates]
+    with timer.phase("candidates"), torch.inference_mode():
+        result = select_allocation(dense, scores, sim, counts, num_layers, params.plan, heldout,
+                                   oneshot_pruner(stats, s.compensation, s.ridge), candidates, sel.criterion,
+                                   sel.batch_size, log=lambda row: log.info("candidate %s", row))
+    table = result.table.drop(columns=[c for c in ("seconds",) if c in result.table.columns])
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+            for row in table.to_dict("records")]
+    value = float(table.loc[table["chosen"], sel.criterion].iloc[0])
+    return {"name": result.choice.name, "plan": dict(result.choice.plan), "rows": rows, "table": table,
+            "value": value}
+
+
+def _one_process():
+    from ..distributed import single_process
+
+    return single_process()
+
+
+def _empty_table():
+    import pandas as pd
+
+    return pd.DataFrame(columns=["candidate", "kl", "nll", "chosen"])
