@@ -143,7 +143,7 @@ def run(
     heldout_n: Annotated[int, typer.Option("--heldout-windows", help="Held-out windows per corpus.")] = 16,
     criterion: Annotated[str, typer.Option(help="kl | nll (held-out selection criterion).")] = "kl",
     datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
-    gradient_batch_size: Annotated[int, typer.Option(help="Micro-batch of the Taylor scoring pass (params.yaml: 4).")] = 4,
+    gradient_batch_size: Annotated[int, typer.Option(help="Taylor scoring micro-batch (params.yaml: 4).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Evaluation windows per forward.")] = 16,
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
