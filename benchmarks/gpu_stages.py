@@ -28,11 +28,15 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("prepare", "calibrate", "score", "similarity", "plan", "surgery", "finetune", "evaluate_dense", "evaluate")
+ORDER = ("prepare", "calibrate", "score", "similarity", "allocate", "plan", "surgery", "finetune", "evaluate_dense",
+         "evaluate", "export")
+#: the stages of the issue's table (the pipeline as it was before allocate and export were added)
+CORE = ("prepare", "calibrate", "score", "similarity", "plan", "surgery", "evaluate_dense", "evaluate")
 
 
-def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int, ratio: float) -> dict:
-    """The README's GPU settings (bf16, CUDA, large batches), every corpus evaluated in full."""
+def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int, ratio: float,
+               max_tokens: int | None = None) -> dict:
+    """The README's GPU settings (bf16, CUDA, large batches), every corpus evaluated in full (or capped)."""
     on_gpu = device != "cpu"
     dtype = "bfloat16" if on_gpu else "float32"
     return {
@@ -42,6 +46,7 @@ def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int, ra
         "score": {"metrics": ["taylor", "taylor_2nd", "wanda", "magnitude", "fluctuation"],
                   "gradient_batch_size": 16 if on_gpu else 4, "dtype": dtype, "device": device},
         "similarity": {"batch_size": 32 if on_gpu else 8, "dtype": dtype, "device": device},
+        "allocate": {"mode": "auto", "batch_size": 32 if on_gpu else 8, "dtype": dtype, "device": device},
         # standardised scores prune every block, so surgery refits all of them (a random model's raw
         # scores would leave most blocks whole and time a fraction of the work: SPEC.md)
         "plan": {"ratio": ratio, "importance": "taylor", "temperature": 0.0, "normalize": "standardize"},
@@ -49,8 +54,10 @@ def gpu_params(model: Path, data_dir: Path, device: str, finetune_steps: int, ra
         "finetune": {"enabled": finetune_steps > 0, "max_steps": max(finetune_steps, 1), "epochs": 1,
                      "batch_size": 8, "max_length": 256, "gradient_checkpointing": on_gpu, "dtype": dtype,
                      "device": device},
-        "evaluate": {"datasets": ["wikitext2", "ptb", "c4"], "seq_len": 128, "max_tokens": None,
+        "evaluate": {"datasets": ["wikitext2", "ptb", "c4"], "seq_len": 128, "max_tokens": max_tokens,
                      "batch_size": 64 if on_gpu else 8, "dtype": dtype, "device": device},
+        # the GPU image has no llama-cpp-python: the f16 file only (quantising is timed on the CPU)
+        "export": {"enabled": True, "dtype": "f16", "quantize": []},
     }
 
 
@@ -100,7 +107,8 @@ def bench_preset(preset: str, args, env: dict) -> dict:
     project.mkdir(parents=True)
     model = make_model(preset, args.tokenizer, work / "model", args.device)
     print(json.dumps({"preset": preset, "model": model}), flush=True)
-    params = gpu_params(work / "model", args.data_dir.resolve(), args.device, args.finetune_steps, args.ratio)
+    params = gpu_params(work / "model", args.data_dir.resolve(), args.device, args.finetune_steps, args.ratio,
+                        args.max_tokens)
     params["distributed"] = {"nproc_per_node": args.nproc, "placement": args.placement}  # model stages on N ranks
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
@@ -114,6 +122,8 @@ def bench_preset(preset: str, args, env: dict) -> dict:
         "pipeline_process_s": round(total, 2),
         "pipeline_without_finetune_process_s": round(total - next(
             r["process_s"] for r in rows if r["stage"] == "finetune"), 2),
+        # the issue's stages (before allocate and export existed), process time each
+        "core_stages_process_s": round(sum(r["process_s"] for r in rows if r["stage"] in CORE), 2),
         "score_similarity_plan_surgery_in_stage_s": round(sum(
             r["in_stage_s"] for r in rows if r["stage"] in ("score", "similarity", "plan", "surgery")), 2),
         "evaluate_dense_tokens": tokens,
@@ -134,6 +144,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gqaprune-stages"), help="scratch folder")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--finetune-steps", type=int, default=0, help="0: finetune disabled (records only)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate.max_tokens (CPU dry runs)")
     ap.add_argument("--ratio", type=float, default=0.2, help="plan.ratio (a tiny model with a 49k vocabulary: 0.01)")
     ap.add_argument("--nproc", type=int, default=1, help="distributed.nproc_per_node: the model stages on N GPUs")
     ap.add_argument("--placement", default="auto", help="distributed.placement: auto | replicate | shard")
