@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adapters import Geometry as AdapterGeometry
+from .adapters import get_adapter
 from .artifacts import atomic_path
 from .errors import GqapruneError
 from .schema import GGUF_DTYPES, GGUF_QUANT_TYPES
@@ -88,26 +90,22 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """Dense-model facts read from ``config.json`` (counts; ``rope_*`` as in the HF config)."""
+class Geometry(AdapterGeometry):
+    """The family adapter's geometry (:class:`gqaprune.adapters.Geometry`) plus what the GGUF header
+    needs: context length, RMS-norm epsilon and RoPE settings (``rope`` as in the HF config)."""
 
-    model_type: str
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    n_ctx: int
-    rms_eps: float
-    rope_theta: float
-    rope: dict
-    tied: bool
+    n_ctx: int = 4096
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope: dict = field(default_factory=dict, hash=False)
 
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads per KV head (the GQA ratio r)."""
-        return self.heads // self.kv_heads
+    # the exporter's short names for the adapter's fields
+    hidden = property(lambda self: self.hidden_size)
+    heads = property(lambda self: self.num_heads)
+    kv_heads = property(lambda self: self.num_kv_heads)
+    intermediate = property(lambda self: self.intermediate_size)
+    vocab = property(lambda self: self.vocab_size)
+    tied = property(lambda self: self.tied_embeddings)
 
 
 @dataclass
@@ -139,14 +137,16 @@ def _read_json(path: Path) -> dict:
 
 
 def read_geometry(config: dict, config_path: str = "config.json") -> Geometry:
-    """Dense geometry from a config dict; refuses families, RoPE types and sliding windows llama.cpp's graphs lack."""
+    """Dense geometry from a config dict (through the family's adapter); refuses families, RoPE types
+    and sliding windows llama.cpp's graphs lack."""
+    from transformers import AutoConfig
+
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedExportError(f"{config_path}: model_type {model_type!r} cannot be exported to GGUF; "
                                      f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    hf_config = AutoConfig.for_model(**config)
+    base = get_adapter(hf_config).geometry(hf_config)
     # transformers 5 keeps RoPE settings in rope_parameters; older configs use rope_theta + rope_scaling
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
@@ -158,11 +158,8 @@ def read_geometry(config: dict, config_path: str = "config.json") -> Geometry:
     if model_type == "qwen2" and config.get("use_sliding_window"):
         raise UnsupportedExportError(f"{config_path}: use_sliding_window=true is not supported by llama.cpp's "
                                      "qwen2/deci graphs; export a model trained without it")
-    return Geometry(model_type=model_type, hidden=int(config["hidden_size"]), heads=heads, kv_heads=kv,
-                    head_dim=head_dim, intermediate=int(config["intermediate_size"]),
-                    vocab=int(config["vocab_size"]), n_ctx=int(config.get("max_position_embeddings") or 4096),
-                    rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope=rope,
-                    tied=bool(config.get("tie_word_embeddings", False)))
+    return Geometry(**dataclasses.asdict(base), n_ctx=int(config.get("max_position_embeddings") or 4096),
+                    rms_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope=rope)
 
 
 def layer_specs(config: dict, geo: Geometry) -> list[LayerSpec]:

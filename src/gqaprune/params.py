@@ -491,26 +491,24 @@ class ExportParams(Section):
                 _rule(self.ffn_multiple >= 1, self.key("ffn_multiple"), ">= 1", self.ffn_multiple)]
 
 
-@dataclass(frozen=True)
-class Params:
-    """All of params.yaml."""
+#: every params.yaml section, in file order; each is a field of :class:`Params` named by its ``section``
+SECTIONS: tuple[type[Section], ...] = (
+    DistributedParams, DataParams, PrepareParams, CalibrateParams, ScoreParams, SimilarityParams, AllocateParams,
+    PlanConfig, SurgeryParams, FinetuneParams, EvaluateParams, ExportParams,
+)
 
-    distributed: DistributedParams = field(default_factory=DistributedParams)
-    data: DataParams = field(default_factory=DataParams)
-    prepare: PrepareParams = field(default_factory=PrepareParams)
-    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
-    score: ScoreParams = field(default_factory=ScoreParams)
-    similarity: SimilarityParams = field(default_factory=SimilarityParams)
-    allocate: AllocateParams = field(default_factory=AllocateParams)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    surgery: SurgeryParams = field(default_factory=SurgeryParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
 
+class _ParamsMethods:
     def sections(self) -> list[Section]:
         """Every section, in file order."""
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
+Params = dataclasses.make_dataclass(
+    "Params", [(cls.section, cls, field(default_factory=cls)) for cls in SECTIONS], bases=(_ParamsMethods,),
+    frozen=True,
+    namespace={"__doc__": "All of params.yaml: one field per section of :data:`SECTIONS`, named by its ``section``.",
+               "__module__": __name__})
 
 
 def _cross_errors(params: Params) -> list[str]:

@@ -29,19 +29,12 @@ from pathlib import Path
 from .. import params as P
 
 CORPORA_DIR = Path("data/corpora")  # the snapshot prepare writes; every later stage reads it
-MODEL_DIR = Path("artifacts/model")
-MODEL_INFO = Path("artifacts/model.json")
-CALIBRATION_DIR = Path("artifacts/calibration")
-SCORES_DIR = Path("artifacts/scores")
-SIMILARITY_DIR = Path("artifacts/similarity")
-ALLOCATE_DIR = Path("artifacts/allocate")
-PLAN_DIR = Path("artifacts/plan")
-PRUNED_DIR = Path("artifacts/pruned")
-FINETUNE_DIR = Path("artifacts/finetune")
-EXPORT_DIR = Path("artifacts/export")
-LOG_DIR = Path("artifacts/logs")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
+ARTIFACTS = Path("artifacts")
+(MODEL_DIR, CALIBRATION_DIR, SCORES_DIR, SIMILARITY_DIR, ALLOCATE_DIR, PLAN_DIR, PRUNED_DIR, FINETUNE_DIR, EXPORT_DIR,
+ LOG_DIR) = (ARTIFACTS / name for name in ("model", "calibration", "scores", "similarity", "allocate", "plan", "pruned",
+                                           "finetune", "export", "logs"))
+MODEL_INFO = ARTIFACTS / "model.json"
+METRICS_DIR, PLOTS_DIR = Path("metrics"), Path("plots")
 DENSE_PPL = METRICS_DIR / "dense.json"
 SCORES = SCORES_DIR / "importance.parquet"
 SIMILARITY = SIMILARITY_DIR / "similarity.parquet"
