@@ -151,7 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep each preset's folder")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1"}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     results = {"started": started, "argv": sys.argv[1:], "presets": []}

@@ -560,8 +560,7 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
     Raises :class:`UnsupportedExportError` naming the key or file when the checkpoint uses something
     llama.cpp cannot run; nothing is written then.
     """
-    import gguf
-
+    gguf = _gguf_module()
     if dtype not in DTYPES:
         raise UnsupportedExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if ffn_multiple < 1:
@@ -657,6 +656,16 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
 # ------------------------------------------------------------------------------------------------
 # quantisation (llama.cpp's own quantiser, through llama-cpp-python)
 # ------------------------------------------------------------------------------------------------
+def _gguf_module():
+    """The ``gguf`` package (GGUF writer), or an error saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedExportError("the GGUF export needs the gguf package: pip install gguf==0.19.0 "
+                                     "(scripts/install.sh installs it)") from None
+    return gguf
+
+
 def llama_cpp_module():
     """``llama_cpp`` (llama-cpp-python), or an ImportError saying how to install it."""
     try:
