@@ -59,6 +59,7 @@ def _choose(params: Params, scores, sim, counts: ParamCounts, num_layers: int, f
     from .common import load_calibration, load_dense, load_heldout
 
     sel, s = params.allocate, params.surgery
+    _check_fits_one_device(counts, sel)
     with timer.phase("load"):
         dense, model_fp, _ = load_dense(params, sel, _one_process())
         if model_fp != fp:
@@ -79,6 +80,23 @@ def _choose(params: Params, scores, sim, counts: ParamCounts, num_layers: int, f
     value = float(table.loc[table["chosen"], sel.criterion].iloc[0])
     return {"name": result.choice.name, "plan": dict(result.choice.plan), "rows": rows, "table": table,
             "value": value}
+
+
+def _check_fits_one_device(counts: ParamCounts, sel) -> None:
+    """Refuse, before loading, a model whose two copies (dense + a pruned candidate) cannot fit one GPU."""
+    import torch
+
+    from ..modelio import resolve_device, torch_dtype
+
+    device = resolve_device(sel.device)
+    if device.type != "cuda":
+        return
+    need = 2 * counts.total * torch.tensor([], dtype=torch_dtype(sel.dtype)).element_size()
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need > 0.9 * total:
+        raise InputError(f"allocate.mode: auto holds the dense model and a pruned copy on one GPU ({need / 2**30:.0f} "
+                         f"GiB), more than {device} has ({total / 2**30:.0f} GiB); set allocate.mode: fixed (and the "
+                         "plan section) for this model")
 
 
 def _one_process():
