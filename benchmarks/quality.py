@@ -283,10 +283,11 @@ def _strategy_rows(ratio, names, dense, scores, sim, counts, geometry, stats, re
             del pruned
 
 
-def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, seq_len: int = 128):
+def _rebuild(out: Path, model: str, data_dir: str, ratio: float, strategy: str, seq_len: int = 128,
+             device: str = "cpu"):
     """The pruned model of one recorded row (``auto`` from its saved plan, a strategy from the saved scores)."""
     meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
-    dense, tokenizer = load_model(model)
+    dense, tokenizer = load_model(model, device=device)
     geometry = get_adapter(dense.config).geometry(dense.config)
     samples = calibration_samples(tokenizer, "wikitext2", None, meta["n_samples"], seq_len, 0, data_dir=data_dir)
     if strategy.startswith("auto"):
@@ -338,6 +339,8 @@ def full(
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu | cuda (the full sets take ~30 min per model on 2 CPU cores).")] =
+        "cpu",
 ) -> None:
     """The default (auto) and the best other row of each ratio on every window of the test splits."""
     torch.set_num_threads(threads)
@@ -347,12 +350,12 @@ def full(
     for ratio in [float(r) for r in ratios.split(",") if r]:
         for strategy in ("auto", best_other(frame, ratio, ["wikitext2", "ptb", "c4"])):
             t = time.perf_counter()
-            dense, tokenizer, pruned, _ = _rebuild(out, model, data_dir, ratio, strategy)
+            dense, tokenizer, pruned, _ = _rebuild(out, model, data_dir, ratio, strategy, device=device)
             pruned = cast(pruned)
             evaluator = Evaluator(tokenizer, names, 128, None, data_dir, batch_size)
             nll = evaluator(pruned)
             row = {"strategy": strategy, "ratio": ratio, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
-                   "eval_dtype": eval_dtype}
+                   "eval_dtype": eval_dtype, "device": device}
             print(json.dumps(row), flush=True)
             _append(out / "full.csv", [row])
             del dense, pruned
@@ -366,15 +369,17 @@ def full_dense(
     datasets: Annotated[str, typer.Option(help="Corpora evaluated on all their windows.")] = "wikitext2,ptb,c4",
     eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ) -> None:
     """The dense model on every window of the test splits (the reference of ``full``)."""
     torch.set_num_threads(threads)
-    dense, tokenizer = load_model(model)
+    dense, tokenizer = load_model(model, device=device)
     t = time.perf_counter()
-    nll = Evaluator(tokenizer, [d for d in datasets.split(",") if d], 128, None, data_dir, 16)(
+    nll = Evaluator(tokenizer, [d for d in datasets.split(",") if d], 128, None, data_dir, batch_size)(
         _caster(eval_dtype)(dense))
     row = {"strategy": "dense", "ratio": 0.0, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
-           "eval_dtype": eval_dtype}
+           "eval_dtype": eval_dtype, "device": device}
     print(json.dumps(row), flush=True)
     _append(out / "full.csv", [row])
 
