@@ -63,6 +63,18 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def _commands() -> None:
     """Quality benchmark: run (the table), full (all windows), recovery, markdown."""
 
+# options shared by the commands (one definition each)
+Model = Annotated[str, typer.Option(help="Dense model folder.")]
+DataDir = Annotated[str, typer.Option(help="Local corpora mirror.")]
+EvalDtype = Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")]
+Threads = Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")]
+BatchSize = Annotated[int, typer.Option(help="Evaluation windows per forward.")]
+Datasets = Annotated[str, typer.Option(help="Evaluation corpora.")]
+Out = Annotated[Path, typer.Option(help="Results folder (for the later commands: of a finished `run`).")]
+Ratios = Annotated[str, typer.Option(help="Comma-separated ratios of all parameters.")]
+Device = Annotated[str, typer.Option(help="cpu | cuda (on 2 CPU cores the full test sets take ~30 min per model).")]
+
+DEFAULT_OUT = Path("benchmarks/results/quality3_smollm2")
 DEFAULT_STRATEGIES = "ours,hgsp-T1-tauinf,magnitude-sp,wanda-sp,llm-pruner,flap,shortgpt"
 EVAL_SPLIT = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 CAL_SPLIT = {"wikitext2": "validation", "ptb": "train", "c4": "calibration"}
@@ -132,21 +144,21 @@ def _setup(model, data_dir, n_samples, seq_len, gradient_batch_size, heldout_n):
 
 @app.command()
 def run(
-    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results/quality_smollm2"),
-    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
-    ratios: Annotated[str, typer.Option(help="Comma-separated ratios of all parameters.")] = "0.1,0.2,0.3,0.4,0.5",
+    model: Model = "artifacts/model",
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = "../shared/data",
+    ratios: Ratios = "0.1,0.2,0.3,0.4,0.5",
     strategies: Annotated[str, typer.Option(help="Peers and variants besides auto.")] = DEFAULT_STRATEGIES,
     n_samples: Annotated[int, typer.Option(help="Calibration samples (wikitext2 validation).")] = 64,
     seq_len: Annotated[int, typer.Option(help="Calibration and evaluation window length.")] = 128,
     eval_windows_n: Annotated[int, typer.Option("--eval-windows", help="Windows per corpus, spread.")] = 128,
     heldout_n: Annotated[int, typer.Option("--heldout-windows", help="Held-out windows per corpus.")] = 16,
     criterion: Annotated[str, typer.Option(help="kl | nll (held-out selection criterion).")] = "kl",
-    datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
+    datasets: Datasets = "wikitext2,ptb,c4",
     gradient_batch_size: Annotated[int, typer.Option(help="Taylor scoring micro-batch (params.yaml: 4).")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Evaluation windows per forward.")] = 16,
-    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16: dtype of the evaluated copies.")] = "bfloat16",
-    threads: Annotated[int, typer.Option(help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
+    batch_size: BatchSize = 16,
+    eval_dtype: EvalDtype = "bfloat16",
+    threads: Threads = 1,
     tag: Annotated[str, typer.Option(help="Suffix of this run's files (several runs can share --out).")] = "main",
     cheap: Annotated[str, typer.Option(help="Strategies evaluated on every 4th window only (hopeless peers; "
                                             "'twin' = auto's other compensation).")] = "magnitude-sp,wanda-sp,twin",
@@ -331,74 +343,61 @@ def best_other(frame: pd.DataFrame, ratio: float, datasets: list[str]) -> str:
 
 @app.command()
 def full(
-    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
-    out: Annotated[Path, typer.Option(help="Folder of a finished `run`.")] = Path("benchmarks/results/quality_smollm2"),
-    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
-    ratios: Annotated[str, typer.Option(help="Ratios to evaluate on the full test sets.")] = "0.1,0.2,0.3,0.4,0.5",
-    datasets: Annotated[str, typer.Option(help="Corpora evaluated on all their windows.")] = "wikitext2,ptb,c4",
-    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu | cuda (the full sets take ~30 min per model on 2 CPU cores).")] =
-        "cpu",
+    model: Model = "artifacts/model",
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = "../shared/data",
+    ratios: Ratios = "0.1,0.2,0.3,0.4,0.5",
+    dense_eval: Annotated[bool, typer.Option(help="Evaluate the dense model first (the reference).")] = True,
+    datasets: Datasets = "wikitext2,ptb,c4",
+    eval_dtype: EvalDtype = "bfloat16",
+    threads: Threads = 1,
+    batch_size: BatchSize = 16,
+    device: Device = "cpu",
 ) -> None:
-    """The default (auto) and the best other row of each ratio on every window of the test splits."""
+    """The dense model, then the default (auto) and the best other row of each ratio, on every window of the
+    test splits; one row each in ``full.csv``."""
     torch.set_num_threads(threads)
     cast = _caster(eval_dtype)
     frame = read_results(out)
     names = [d for d in datasets.split(",") if d]
+
+    def evaluate(strategy: str, ratio: float, t: float, tokenizer, evaluated) -> None:
+        nll = Evaluator(tokenizer, names, 128, None, data_dir, batch_size)(cast(evaluated))
+        row = {"strategy": strategy, "ratio": ratio, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
+               "eval_dtype": eval_dtype, "device": device}
+        print(json.dumps(row), flush=True)
+        _append(out / "full.csv", [row])
+
+    if dense_eval:
+        t = time.perf_counter()
+        dense, tokenizer = load_model(model, device=device)
+        evaluate("dense", 0.0, t, tokenizer, dense)
+        del dense
     for ratio in [float(r) for r in ratios.split(",") if r]:
         for strategy in ("auto", best_other(frame, ratio, ["wikitext2", "ptb", "c4"])):
             t = time.perf_counter()
             dense, tokenizer, pruned, _ = _rebuild(out, model, data_dir, ratio, strategy, device=device)
-            pruned = cast(pruned)
-            evaluator = Evaluator(tokenizer, names, 128, None, data_dir, batch_size)
-            nll = evaluator(pruned)
-            row = {"strategy": strategy, "ratio": ratio, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
-                   "eval_dtype": eval_dtype, "device": device}
-            print(json.dumps(row), flush=True)
-            _append(out / "full.csv", [row])
-            del dense, pruned
-
-
-@app.command()
-def full_dense(
-    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("benchmarks/results/quality_smollm2"),
-    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
-    datasets: Annotated[str, typer.Option(help="Corpora evaluated on all their windows.")] = "wikitext2,ptb,c4",
-    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
-) -> None:
-    """The dense model on every window of the test splits (the reference of ``full``)."""
-    torch.set_num_threads(threads)
-    dense, tokenizer = load_model(model, device=device)
-    t = time.perf_counter()
-    nll = Evaluator(tokenizer, [d for d in datasets.split(",") if d], 128, None, data_dir, batch_size)(
-        _caster(eval_dtype)(dense))
-    row = {"strategy": "dense", "ratio": 0.0, **_summary(nll), "seconds": round(time.perf_counter() - t, 1),
-           "eval_dtype": eval_dtype, "device": device}
-    print(json.dumps(row), flush=True)
-    _append(out / "full.csv", [row])
+            del dense
+            evaluate(strategy, ratio, t, tokenizer, pruned)
+            del pruned
 
 
 @app.command()
 def recovery(
-    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
-    out: Annotated[Path, typer.Option(help="Folder of a finished `run` (its auto plan is used).")] = Path(
-        "benchmarks/results/quality_smollm2"),
-    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
+    model: Model = "artifacts/model",
+    out: Out = DEFAULT_OUT,
+    data_dir: DataDir = "../shared/data",
     ratio: Annotated[float, typer.Option(help="Ratio whose auto model is recovered.")] = 0.2,
     seconds: Annotated[float, typer.Option(help="Wall-time budget of each recovery method.")] = 600.0,
     methods: Annotated[str, typer.Option(help="distill-full, distill-lora, lora-instructions.")] =
         "distill-full,distill-lora,lora-instructions",
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate (full).")] = 1e-4,
     eval_windows_n: Annotated[int, typer.Option("--eval-windows", help="Windows per corpus, spread.")] = 128,
-    datasets: Annotated[str, typer.Option(help="Evaluation corpora.")] = "wikitext2,ptb,c4",
-    eval_dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "bfloat16",
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    datasets: Datasets = "wikitext2,ptb,c4",
+    eval_dtype: EvalDtype = "bfloat16",
+    threads: Threads = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda (the issue's budget is CPU time; cuda shows how many "
+                                             "steps closing the gap takes).")] = "cpu",
 ) -> None:
     """Recovery of the auto model at ``ratio``: distillation vs instruction LoRA at equal wall time."""
     import copy
@@ -410,8 +409,9 @@ def recovery(
     torch.set_num_threads(threads)
     cast = _caster(eval_dtype)
     meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
-    dense, tokenizer, pruned, samples = _rebuild(out, model, data_dir, ratio, "auto")
+    dense, tokenizer, pruned, samples = _rebuild(out, model, data_dir, ratio, "auto", device=device)
     seq_len = 128
+    tag = "" if device == "cpu" else f"_{device}"  # a GPU run's curves and rows beside the CPU ones
     held = heldout_windows(tokenizer, "wikitext2", None, 16, seq_len, meta["n_samples"], seq_len, 0, data_dir=data_dir)
     ref = dense_reference(dense, held)
     # distillation text: every window of the calibration splits of WikiText-2 and C4, minus the held-out ones
@@ -452,15 +452,15 @@ def recovery(
         kl = heldout_criteria(student, ref)["kl"]
         nll = evaluator(student)
         row = {"method": method, "ratio": ratio, "budget_s": seconds, "train_s": round(train_s, 1),
-               "steps": len(curve), "heldout_kl": kl, **_summary(nll)}
+               "steps": len(curve), "heldout_kl": kl, **_summary(nll), "device": device}
         print(json.dumps(row), flush=True)
-        _append(out / "recovery.csv", [row])
-        pd.DataFrame(curve).assign(method=method).to_csv(out / f"recovery_curve_{method}.csv", index=False)
+        _append(out / f"recovery{tag}.csv", [row])
+        pd.DataFrame(curve).assign(method=method).to_csv(out / f"recovery_curve_{method}{tag}.csv", index=False)
         del student
     base = cast(copy.deepcopy(pruned))
     row = {"method": "none", "ratio": ratio, "budget_s": 0, "train_s": 0, "steps": 0,
-           "heldout_kl": heldout_criteria(base, ref)["kl"], **_summary(evaluator(base))}
-    _append(out / "recovery.csv", [row])
+           "heldout_kl": heldout_criteria(base, ref)["kl"], **_summary(evaluator(base)), "device": device}
+    _append(out / f"recovery{tag}.csv", [row])
 
 
 def _cell(r, d: str, dense: dict, bold: bool = False) -> str:
@@ -488,7 +488,7 @@ def _paired(windows: pd.DataFrame, a: str, b: str, ratio: float, d: str) -> tupl
 
 @app.command()
 def markdown(
-    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("benchmarks/results/quality2_smollm2"),
+    out: Out = DEFAULT_OUT,
     doc: Annotated[Path, typer.Option(help="The Markdown file written.")] = Path("benchmarks/QUALITY.md"),
     notes: Annotated[Path, typer.Option(help="Hand-written text placed before the generated tables.")] = Path(
         "benchmarks/quality_notes.md"),
