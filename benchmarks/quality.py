@@ -589,11 +589,13 @@ def markdown(
     if rec_files:
         rec = pd.concat([pd.read_csv(f) for f in rec_files], ignore_index=True)
         lines += ["", "### Recovery at equal wall time", "",
-                  "| ratio | method | budget s | trained s | steps | held-out KL | " + " | ".join(datasets) + " |",
-                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]
+                  "| ratio | method | device | budget s | trained s | steps | held-out KL | "
+                  + " | ".join(datasets) + " |",
+                  "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]
+        rec["device"] = rec["device"].fillna("cpu") if "device" in rec else "cpu"
         for r in rec.to_dict("records"):
-            lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['budget_s']:.0f} | {r['train_s']:.0f} | "
-                         f"{int(r['steps'])} | {r['heldout_kl']:.4f} | "
+            lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['device']} | {r['budget_s']:.0f} | "
+                         f"{r['train_s']:.0f} | {int(r['steps'])} | {r['heldout_kl']:.4f} | "
                          + " | ".join(_cell(r, d, dense) for d in datasets) + " |")
     if (out / "full.csv").exists():
         full_rows = pd.read_csv(out / "full.csv")
