@@ -84,8 +84,9 @@ def make_model(preset: str, tokenizer_dir: Path, out: Path, device: str) -> dict
     return {"params": params, "build_s": round(built, 2), "save_s": round(time.perf_counter() - t0 - built, 2)}
 
 
-def run_stage(stage: str, project: Path, env: dict) -> dict:
-    """Run ``stages/<stage>.py`` in ``project``; process wall time plus the stage's own metrics file."""
+def run_stage(stage: str, project: Path, env: dict, logs: Path | None = None) -> dict:
+    """Run ``stages/<stage>.py`` in ``project``; process wall time plus the stage's own metrics file (its log
+    copied to ``logs`` when given)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=project, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -93,6 +94,9 @@ def run_stage(stage: str, project: Path, env: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"stage {stage} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+    if logs is not None:  # the stage's own log (phases, the loader's read / CUDA-context split)
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / "artifacts" / "logs" / f"{stage}.log", logs / f"{stage}.log")
     row = {"stage": stage, "process_s": round(wall, 2), "in_stage_s": metrics.get("wall_time_s"),
            "peak_gpu_gib": metrics.get("peak_gpu_mem_gib"), "metrics": metrics}
     print(json.dumps(row), flush=True)
@@ -112,7 +116,7 @@ def bench_preset(preset: str, args, env: dict) -> dict:
     params["distributed"] = {"nproc_per_node": args.nproc, "placement": args.placement}  # model stages on N ranks
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     t0 = time.perf_counter()
-    rows = [run_stage(stage, project, env) for stage in ORDER]
+    rows = [run_stage(stage, project, env, args.out.parent / f"logs_{preset}") for stage in ORDER]
     total = time.perf_counter() - t0
     evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
     dense_eval = next(r for r in rows if r["stage"] == "evaluate_dense")
