@@ -335,9 +335,16 @@ def read_results(out: Path, kind: str = "results") -> pd.DataFrame:
 
 
 def best_other(frame: pd.DataFrame, ratio: float, datasets: list[str]) -> str:
-    """The non-auto row with the lowest mean log-perplexity over ``datasets`` at ``ratio``."""
-    rows = frame[(frame["ratio"] == ratio) & ~frame["strategy"].str.startswith("auto") & (frame["strategy"] != "dense")]
-    score = rows[[f"{d}_logppl" for d in datasets]].mean(axis=1)
+    """The non-auto row with the lowest mean log-perplexity over ``datasets`` at ``ratio``, among the rows that
+    are not the auto model itself (a fixed strategy whose plan auto chose gives identical figures)."""
+    cols = [f"{d}_logppl" for d in datasets]
+    at = frame[frame["ratio"] == ratio]
+    rows = at[~at["strategy"].str.startswith("auto") & (at["strategy"] != "dense")]
+    auto = at[at["strategy"] == "auto"]
+    if len(auto):
+        same = np.isclose(rows[cols].to_numpy(), auto[cols].to_numpy()[0], rtol=0, atol=1e-9).all(axis=1)
+        rows = rows[~same] if (~same).any() else rows
+    score = rows[cols].mean(axis=1)
     return str(rows.loc[score.idxmin(), "strategy"])
 
 
@@ -348,6 +355,7 @@ def full(
     data_dir: DataDir = "../shared/data",
     ratios: Ratios = "0.1,0.2,0.3,0.4,0.5",
     dense_eval: Annotated[bool, typer.Option(help="Evaluate the dense model first (the reference).")] = True,
+    auto: Annotated[bool, typer.Option(help="Evaluate auto too (a later run can add best-other rows only).")] = True,
     datasets: Datasets = "wikitext2,ptb,c4",
     eval_dtype: EvalDtype = "bfloat16",
     threads: Threads = 1,
@@ -374,7 +382,7 @@ def full(
         evaluate("dense", 0.0, t, tokenizer, dense)
         del dense
     for ratio in [float(r) for r in ratios.split(",") if r]:
-        for strategy in ("auto", best_other(frame, ratio, ["wikitext2", "ptb", "c4"])):
+        for strategy in ("auto",) * auto + (best_other(frame, ratio, ["wikitext2", "ptb", "c4"]),):
             t = time.perf_counter()
             dense, tokenizer, pruned, _ = _rebuild(out, model, data_dir, ratio, strategy, device=device)
             del dense
@@ -588,11 +596,15 @@ def markdown(
     rec_files = [f for f in rec_files if not f.name.startswith("recovery_curve")]
     if rec_files:
         rec = pd.concat([pd.read_csv(f) for f in rec_files], ignore_index=True)
+        if "device" not in rec:
+            rec["device"] = "cpu"
+        rec["device"] = rec["device"].fillna("cpu")
+        # each recovery run appends the untrained baseline again: keep one per device
+        rec = rec.drop_duplicates(subset=["method", "device", "budget_s"], keep="first")
         lines += ["", "### Recovery at equal wall time", "",
                   "| ratio | method | device | budget s | trained s | steps | held-out KL | "
                   + " | ".join(datasets) + " |",
                   "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]
-        rec["device"] = rec["device"].fillna("cpu") if "device" in rec else "cpu"
         for r in rec.to_dict("records"):
             lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['device']} | {r['budget_s']:.0f} | "
                          f"{r['train_s']:.0f} | {int(r['steps'])} | {r['heldout_kl']:.4f} | "
@@ -604,7 +616,7 @@ def markdown(
         lines += ["", "### Full test sets (every window)", "",
                   "| ratio | strategy | " + " | ".join(f"{d} (windows)" for d in ds) + " |",
                   "|---|---|" + "---:|" * len(ds)]
-        for r in full_rows.to_dict("records"):
+        for r in full_rows.sort_values("ratio", kind="stable").to_dict("records"):
             cells = []
             for d in ds:
                 if pd.isna(r.get(f"{d}_logppl")):
