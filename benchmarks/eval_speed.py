@@ -1,7 +1,7 @@
 """CPU evaluation speed: tokens/s of perplexity-evaluation variants, interleaved so they share the same load.
 
     python benchmarks/eval_speed.py --model artifacts/model --data-dir ../shared/data \
-        --out benchmarks/results/quality2_smollm2/eval_speed.json
+        --out benchmarks/results/quality3_smollm2/eval_speed.json
 
 Each round runs every variant once on the same ``--windows`` windows (spread over WikiText-2 test) and
 the median tokens/s over ``--rounds`` rounds is reported, with each variant's log-perplexity on those
@@ -50,7 +50,7 @@ def _logits_path(model, windows: torch.Tensor, batch: int) -> float:
 def main(
     model: Annotated[str, typer.Option()] = "artifacts/model",
     data_dir: Annotated[str, typer.Option()] = "../shared/data",
-    out: Annotated[Path, typer.Option()] = Path("benchmarks/results/quality2_smollm2/eval_speed.json"),
+    out: Annotated[Path, typer.Option()] = Path("benchmarks/results/quality3_smollm2/eval_speed.json"),
     windows: Annotated[int, typer.Option(help="Windows of 128 tokens per variant and round.")] = 32,
     rounds: Annotated[int, typer.Option()] = 3,
     variants: Annotated[str, typer.Option()] = ("logits-f32-b8-t2,chunk-f32-b8-t2,chunk-f32-b16-t2,chunk-f32-b16-t1,"

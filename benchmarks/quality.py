@@ -1,10 +1,10 @@
 """Side-by-side quality benchmark: every strategy at several ratios on one model, same data.
 
     python benchmarks/quality.py run --model artifacts/model --data-dir ../shared/data \
-        --out benchmarks/results/quality_smollm2            # all rows, spread windows (the table)
+        --out benchmarks/results/quality3_smollm2           # all rows, spread windows (the table)
     python benchmarks/quality.py full --out ...             # default and best other row, all windows
     python benchmarks/quality.py recovery --out ...         # distillation vs LoRA at equal wall time
-    python benchmarks/quality.py markdown --out ...         # results.md from the recorded rows
+    python benchmarks/quality.py markdown --out ...         # QUALITY.md from the recorded rows
 
 ``run``: scores (all metrics), layer/block similarity and one-shot compensation statistics are
 computed once on the same calibration samples (WikiText-2 validation); held-out calibration windows

@@ -1,7 +1,7 @@
 """Sequential compensation targets on held-out data: one-shot vs sequential ('dense' and 'self' targets).
 
     python benchmarks/sequential_targets.py --model artifacts/model --data-dir ../shared/data \
-        --out benchmarks/results/quality2_smollm2 --ratio 0.2
+        --out benchmarks/results/quality3_smollm2 --ratio 0.2
 
 Reuses the plan that ``quality.py run`` chose at ``--ratio`` (``plans/auto_<ratio>.json``) and the same
 calibration samples and held-out windows; writes ``sequential_targets.csv`` (held-out KL / NLL).
@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(
     model: Annotated[str, typer.Option()] = "artifacts/model",
     data_dir: Annotated[str, typer.Option()] = "../shared/data",
-    out: Annotated[Path, typer.Option()] = Path("benchmarks/results/quality2_smollm2"),
+    out: Annotated[Path, typer.Option()] = Path("benchmarks/results/quality3_smollm2"),
     ratio: Annotated[float, typer.Option()] = 0.2,
     targets: Annotated[str, typer.Option()] = "oneshot,self,dense",
     threads: Annotated[int, typer.Option()] = 1,
