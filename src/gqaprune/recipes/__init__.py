@@ -49,35 +49,37 @@ class StageInfo:
     outputs: tuple[str, ...]
 
 
-_TABLE = [  # name, summary, params sections, outputs (its metrics file added), plots (PNG + CSV each)
-    ("prepare", "Convert, download or reference the dense model into artifacts/model and snapshot the corpora.",
-     (P.PrepareParams, P.DataParams), (MODEL_DIR, MODEL_INFO, CORPORA_DIR), ()),
-    ("calibrate", "Draw tokenised calibration samples from the calibration split.",
-     (P.CalibrateParams,), (CALIBRATION_DIR,), ()),
-    ("score", "Score every attention group and MLP channel (magnitude, wanda, taylor, taylor_2nd, fluctuation).",
-     (P.ScoreParams,), (SCORES_DIR,), ()),
-    ("similarity", "Layer and block importance, 1 - cos(input, output), from forward passes.",
-     (P.SimilarityParams,), (SIMILARITY_DIR,), ("layer_importance",)),
-    ("allocate", "Choose the allocation for the ratio among candidate priors by held-out calibration KL.",
-     (P.AllocateParams,), (ALLOCATE_DIR,), ()),
-    ("plan", "Build the H-GSP plan, the global group table and pruning_analysis.json.",
-     (P.PlanConfig,), (PLAN_DIR,), ("kept_fraction",)),
-    ("surgery", "Slice the dense model by the plan and save the pruned checkpoint.",
-     (P.SurgeryParams,), (PRUNED_DIR,), ()),
-    ("finetune", "LoRA recovery fine-tuning of the pruned model on instruction data.",
-     (P.FinetuneParams,), (FINETUNE_DIR,), ("finetune_loss",)),
-    ("evaluate_dense", "Perplexity of the dense model (cached across experiments).",
-     (P.EvaluateParams,), (DENSE_PPL,), ()),
-    ("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
-     (P.EvaluateParams,), (), ()),
-    ("export", "GGUF export (and llama.cpp-quantised copies) of the recovered model, with its model card.",
-     (P.ExportParams,), (EXPORT_DIR,), ()),
-]
+_SUMMARIES = {  # the first line of each stage's --help
+    "prepare": "Convert, download or reference the dense model into artifacts/model and snapshot the corpora.",
+    "calibrate": "Draw tokenised calibration samples from the calibration split.",
+    "score": "Score every attention group and MLP channel (magnitude, wanda, taylor, taylor_2nd, fluctuation).",
+    "similarity": "Layer and block importance, 1 - cos(input, output), from forward passes.",
+    "allocate": "Choose the allocation for the ratio among candidate priors by held-out calibration KL.",
+    "plan": "Build the H-GSP plan, the global group table and pruning_analysis.json.",
+    "surgery": "Slice the dense model by the plan and save the pruned checkpoint.",
+    "finetune": "Recovery of the pruned model: LoRA on instruction data or distillation from the dense model.",
+    "evaluate_dense": "Perplexity of the dense model (cached across experiments).",
+    "evaluate": "Perplexity of the pruned and finetuned models next to the dense one.",
+    "export": "GGUF export (and llama.cpp-quantised copies) of the recovered model, with its model card.",
+}
+_IO = {  # name: params sections, outputs (its metrics file added), plots (PNG + CSV each); in pipeline order
+    "prepare": ((P.PrepareParams, P.DataParams), (MODEL_DIR, MODEL_INFO, CORPORA_DIR), ()),
+    "calibrate": ((P.CalibrateParams,), (CALIBRATION_DIR,), ()),
+    "score": ((P.ScoreParams,), (SCORES_DIR,), ()),
+    "similarity": ((P.SimilarityParams,), (SIMILARITY_DIR,), ("layer_importance",)),
+    "allocate": ((P.AllocateParams,), (ALLOCATE_DIR,), ()),
+    "plan": ((P.PlanConfig,), (PLAN_DIR,), ("kept_fraction",)),
+    "surgery": ((P.SurgeryParams,), (PRUNED_DIR,), ()),
+    "finetune": ((P.FinetuneParams,), (FINETUNE_DIR,), ("finetune_loss",)),
+    "evaluate_dense": ((P.EvaluateParams,), (DENSE_PPL,), ()),
+    "evaluate": ((P.EvaluateParams,), (), ()),
+    "export": ((P.ExportParams,), (EXPORT_DIR,), ()),
+}
 STAGES: dict[str, StageInfo] = {
-    name: StageInfo(summary, sections, (
+    name: StageInfo(_SUMMARIES[name], sections, (
         *map(str, outs), str(METRICS_DIR / f"{name}.json"),
         *(str(PLOTS_DIR / f"{plot}.{ext}") for plot in plots for ext in ("png", "csv"))))
-    for name, summary, sections, outs, plots in _TABLE
+    for name, (sections, outs, plots) in _IO.items()
 }
 #: the stages that load the model: they run on ``distributed.nproc_per_node`` x ``nnodes`` processes
 #: (:mod:`gqaprune.distributed`); the others run on one (under torchrun: rank 0, the other ranks idle)
