@@ -272,7 +272,11 @@ def run(args, argv: list[str]) -> int:
             result = bench(args, ctx)
             if ctx.is_main:
                 _write(args.json, result)
-        return 0
+        # as the stage runner does: end the rank without interpreter teardown, where a communication thread
+        # still being joined can abort the process ("terminate called without an active exception")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if code == 0 and baseline is not None and args.json:
         result = json.loads(Path(args.json).read_text())
         result.update(baseline_one_process=baseline, speedup=_speedups(baseline, result),

@@ -214,6 +214,29 @@ def test_rescoring_gives_identical_bytes(project, capsys):
     assert (project / "artifacts/scores/importance.parquet").read_bytes() == first
 
 
+def test_recalibrating_gives_identical_bytes(project, capsys):
+    folder = project / "artifacts/calibration"
+    first = {f.name: f.read_bytes() for f in folder.glob("*.safetensors")}
+    assert set(first) == {"samples.safetensors", "heldout.safetensors"}
+    assert run("calibrate", capsys)[0] == 0
+    assert {f.name: f.read_bytes() for f in folder.glob("*.safetensors")} == first
+
+
+def test_safetensors_metadata_order_does_not_change_bytes(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gqaprune.checkpoint import write_safetensors
+
+    ids = torch.arange(12).view(3, 4)
+    write_safetensors([("input_ids", ids)], tmp_path / "one.safetensors", {"seed": "0", "dataset": "ptb", "n": "3"})
+    write_safetensors([("input_ids", ids)], tmp_path / "two.safetensors", {"n": "3", "dataset": "ptb", "seed": "0"})
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "one.safetensors"), "pt") as f:  # the library's own reader agrees
+        assert f.metadata() == {"format": "pt", "seed": "0", "dataset": "ptb", "n": "3"}
+    assert torch.equal(load_file(str(tmp_path / "one.safetensors"))["input_ids"], ids)
+
+
 def test_table_metadata_order_does_not_change_bytes(tmp_path):
     import pandas as pd
 

@@ -39,9 +39,9 @@ def _host_bytes(tensor: torch.Tensor) -> torch.Tensor:
 class _Shard:
     """One safetensors file being written: a reserved header region, then tensor data appended."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.Tensor]]):
+    def __init__(self, path: Path, entries: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None):
         self.path = path
-        self.header: dict = {"__metadata__": {"format": "pt"}}
+        self.header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for name, t in entries:
             size = t.numel() * t.element_size()
@@ -59,9 +59,15 @@ class _Shard:
         self.file.close()
 
 
-def write_safetensors(entries: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """Write ``entries`` (name, tensor on any device) to one safetensors file, copies overlapping writes."""
-    shard = _Shard(path, entries)
+def write_safetensors(entries: list[tuple[str, torch.Tensor]], path: Path, metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write ``entries`` (name, tensor on any device) to one safetensors file, copies overlapping writes.
+
+    ``metadata`` (string values) goes into the header's ``__metadata__`` next to ``format: pt``. The header's
+    keys are sorted, so equal tensors and metadata give equal bytes (``safetensors.torch.save_file`` orders
+    the metadata differently from one process to the next).
+    """
+    shard = _Shard(path, entries, metadata)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(_host_bytes, entries[0][1]) if entries else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..artifacts import StageOutputs, atomic_path
+from ..checkpoint import write_safetensors
 from ..corpora import get_corpus
 from ..data import calibration_samples, heldout_windows
 from ..distributed import DistContext
@@ -23,7 +24,6 @@ log = logging.getLogger("gqaprune")
 
 def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Draw the calibration samples and held-out windows from the corpora snapshot with the model's tokenizer."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     timer = Timer()
@@ -34,7 +34,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
     meta = {"dataset": c.dataset, "split": get_corpus(c.dataset).calibration_split, "n_samples": str(c.n_samples),
             "seq_len": str(c.seq_len), "seed": str(c.seed), "fingerprint": fp}
     with atomic_path(out(CALIBRATION_DIR / "samples.safetensors")) as tmp:
-        save_file({"input_ids": samples.contiguous()}, str(tmp), metadata=dict(sorted(meta.items())))
+        write_safetensors([("input_ids", samples.contiguous())], tmp, meta)
     heldout = {}
     for name in c.heldout_datasets if c.heldout_windows else []:
         # the calibration samples' windows are excluded from the corpus they were drawn from
@@ -44,7 +44,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
     held_meta = {"datasets": ",".join(heldout), "windows": str(c.heldout_windows), "seq_len": str(c.seq_len),
                  "fingerprint": fp}
     with atomic_path(out(CALIBRATION_DIR / "heldout.safetensors")) as tmp:
-        save_file(heldout, str(tmp), metadata=dict(sorted(held_meta.items())))
+        write_safetensors(list(heldout.items()), tmp, held_meta)
     log.info("calibration: %d x %d tokens of %s/%s; held-out: %d windows of %s", c.n_samples, c.seq_len, c.dataset,
              meta["split"], c.heldout_windows, ", ".join(heldout) or "none")
     stage_metrics(out, "calibrate", timer, {"calibration_tokens": samples.numel(),

@@ -38,7 +38,7 @@ def load_calibration(expected_fingerprint: str) -> tuple[torch.Tensor, dict]:
     if not path.is_file():
         raise InputError(f"{path} does not exist; run the calibrate stage first")
     with safe_open(str(path), "pt") as f:
-        meta = dict(sorted((f.metadata() or {}).items()))
+        meta = {k: v for k, v in sorted((f.metadata() or {}).items()) if k != "format"}  # "format": the file's
     check_fingerprint(meta, expected_fingerprint, f"calibration samples {path}")
     return load_file(str(path))["input_ids"], meta
 
