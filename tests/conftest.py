@@ -34,13 +34,10 @@ def data_dir() -> Path:
 def template(tmp_path_factory, data_dir) -> Path:
     """A project folder after prepare .. allocate on a tiny random LLaMA (copy it per test)."""
     from gqaprune.stage import execute
-    from helpers import tiny_model_folder, tiny_params
+    from helpers import tiny_project
 
     base = tmp_path_factory.mktemp("project")
-    model_dir = tiny_model_folder(base / "tiny-model", data_dir)
-    project = base / "project"
-    project.mkdir()
-    params = tiny_params(model_dir, data_dir)
+    project, params = tiny_project(base, data_dir, "project")
     params["evaluate"]["datasets"] = ["wikitext2"]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cwd = os.getcwd()

@@ -80,3 +80,11 @@ def tiny_model_folder(folder: Path, data_dir: Path, preset: str = "tiny-llama-gq
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_project(base: Path, data_dir: Path, name: str) -> tuple[Path, dict]:
+    """An empty project folder ``base/name`` beside a tiny random model ``base/tiny-model``, and its params."""
+    model_dir = tiny_model_folder(base / "tiny-model", data_dir)
+    root = base / name
+    root.mkdir()
+    return root, tiny_params(model_dir, data_dir)

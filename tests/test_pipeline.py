@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from gqaprune.depgraph import stage_code_deps
-from helpers import tiny_model_folder, tiny_params
+from helpers import tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -99,18 +99,14 @@ def _metric_rows(node, out: list) -> list:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, data_dir) -> Repo:
     """The scratch repository after git init, dvc init and a first commit of the tiny-model pipeline."""
-    base = tmp_path_factory.mktemp("pipeline")
-    model_dir = tiny_model_folder(base / "tiny-model", data_dir)
-
-    root = base / "repo"
-    root.mkdir()
+    root, params = tiny_project(tmp_path_factory.mktemp("pipeline"), data_dir, "repo")
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO_ROOT / "src", root / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / ".gitignore").write_text("__pycache__/\nartifacts/logs/\n")
     r = Repo(root, data_dir)
-    r.write_params(tiny_params(model_dir, data_dir))
+    r.write_params(params)
     r.git("init", "-q")
     r.git("config", "user.name", "gqaprune tests")
     r.git("config", "user.email", "tests@gqaprune.invalid")
