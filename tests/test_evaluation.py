@@ -110,7 +110,7 @@ def test_token_cache_and_training_flag(model, tokenizer, short_dir, monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenised a cached evaluation text")
 
-    monkeypatch.setattr(data, "corpus_token_ids", fail)
+    monkeypatch.setattr(data, "tokenize_text", fail)  # the cache sits in front of the tokenisation
     model.train()
     second = perplexity(model, tokenizer, "wikitext2", seq_len=8, data_dir=short_dir)
     assert model.training  # restored after evaluation

@@ -70,10 +70,6 @@ class InputStats:
             self.total += x.sum(0)
         self.tokens += x.shape[0]
 
-    def __call__(self, module, args) -> None:
-        """Forward pre-hook: accumulate the module's input."""
-        self.update(args[0])
-
     def reduce(self, ctx: DistContext, size: int, device, dst: int | None = None) -> None:
         """Add up the ranks' statistics (``size`` inputs, zeros where a rank saw no token) into rank ``dst``
         (None: into every rank). No-op on one process."""

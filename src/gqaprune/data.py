@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from .corpora import CORPORA, Corpus, get_corpus
+from .corpora import CORPORA, Corpus, calibration_corpora, get_corpus
 from .errors import GqapruneError, InputError
 from .hub import hub_reachable
 
@@ -341,8 +341,34 @@ def corpus_token_ids(
     data_dir: str | os.PathLike | None = None,
     path: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """Token ids ``[n_tokens]`` (``torch.long``) of a corpus split: rows joined, tokenised once."""
-    return tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir, path=path)))
+    """Token ids ``[n_tokens]`` (``torch.long``) of a corpus split: rows joined, tokenised once.
+
+    Cached in-process per (tokenizer, corpus, split, data folder), so a stage that draws calibration
+    samples and held-out windows from one split, or evaluates several models, tokenises it once. The
+    returned tensor is shared: do not modify it in place.
+    """
+    if path is not None:
+        return tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir, path=path)))
+    root = resolve_data_dir(data_dir)
+    key = (_tokenizer_key(tokenizer), name, split, None if root is None else str(root))
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir)))
+    return _TOKEN_CACHE[key]
+
+
+# (tokenizer fingerprint, corpus, split, data folder) -> token ids [n_tokens] (torch.long, CPU)
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+_PROBE = "The quick brown fox, 1234 \n\n= Héllo =\n"  # tells tokenizers with equal name/size apart
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    probe = tuple(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), probe)
+
+
+def clear_token_cache() -> None:
+    """Forget all cached tokenised corpora."""
+    _TOKEN_CACHE.clear()
 
 
 def calibration_samples(
@@ -378,7 +404,7 @@ def calibration_samples(
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     corpus = get_corpus(name)
     if not corpus.calibration_split:
-        raise ValueError(f"cannot calibrate on {name!r}; calibration corpora: {sorted(CALIBRATION_SPLIT)}")
+        raise ValueError(f"cannot calibrate on {name!r}; calibration corpora: {calibration_corpora()}")
     split = corpus.calibration_split if split is None else split
     _check_split(name, split)
     if split == corpus.evaluation_split:
@@ -429,9 +455,9 @@ def heldout_windows(
     """
     if n_windows <= 0 or seq_len <= 1:
         raise ValueError(f"need n_windows >= 1 and seq_len >= 2, got {n_windows}, {seq_len}")
-    split = CALIBRATION_SPLIT[name] if split is None else split
+    split = get_corpus(name).calibration_split if split is None else split
     _check_split(name, split)
-    if split == EVALUATION_SPLIT[name]:
+    if split == get_corpus(name).evaluation_split:
         raise ValueError(f"{name} split {split!r} is the evaluation split; held-out windows come from calibration text")
     ids = corpus_token_ids(tokenizer, name, split, data_dir=data_dir)
     n_tokens = int(ids.numel())
@@ -456,7 +482,7 @@ def calibration_text_windows(tokenizer, names: Sequence[str], seq_len: int,
     text only, never an evaluation split."""
     parts = []
     for name in names:
-        ids = corpus_token_ids(tokenizer, name, CALIBRATION_SPLIT[name], data_dir=data_dir)
+        ids = corpus_token_ids(tokenizer, name, get_corpus(name).calibration_split, data_dir=data_dir)
         parts.append(ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len))
     windows = torch.cat(parts)
     if exclude is not None and len(exclude):

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torchutil import decoder_and_head
+
 __all__ = ["DistillConfig", "distill", "distillation_loss"]
 
 MODES = ("full", "lora")
@@ -70,11 +72,6 @@ class DistillConfig:
             raise ValueError("distill: lr, batch_size, temperature must be > 0 and hidden_weight >= 0")
 
 
-def _split(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model, base.get_output_embeddings()
-
-
 def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
                       teacher_head: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
                       head_chunk: int = 256) -> torch.Tensor:
@@ -108,7 +105,7 @@ def _trainable(student: nn.Module, config: DistillConfig) -> tuple[nn.Module, li
         model = get_peft_model(student, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                                    target_modules=targets, bias="none"))
         return model, [p for p in model.parameters() if p.requires_grad]
-    decoder, head = _split(student)
+    decoder, head = decoder_and_head(student, strict=True)
     frozen = {id(p) for p in head.parameters()} | {id(p) for p in decoder.embed_tokens.parameters()}
     params = []
     for p in student.parameters():
@@ -131,8 +128,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, confi
     torch.manual_seed(config.seed)
     teacher.eval()
     model, params = _trainable(student, config)
-    s_decoder, s_head = _split(model)
-    t_decoder, t_head = _split(teacher)
+    s_decoder, s_head = decoder_and_head(model, strict=True)
+    t_decoder, t_head = decoder_and_head(teacher, strict=True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(config.seed)
     device = next(student.parameters()).device

@@ -47,14 +47,14 @@ from tqdm.auto import tqdm
 
 from gqaprune import data
 
+from .corpora import evaluation_corpora
 from .distributed import DistContext, single_process
 from .placement import is_sharded, no_grad_mode
+from .torchutil import decoder_and_head
 
 __all__ = ["PPLMetric", "PerplexityResult", "clear_token_cache", "perplexities", "perplexity", "window_nlls"]
 
-# (tokenizer fingerprint, dataset, split, data dir) -> token ids [n_tokens] (torch.long, CPU)
-_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
-_PROBE = "The quick brown fox, 1234 \n\n= Héllo =\n"  # tells tokenizers with equal name/size apart
+clear_token_cache = data.clear_token_cache  # the tokenised corpora are cached in-process by gqaprune.data
 
 
 @dataclass(frozen=True)
@@ -100,25 +100,6 @@ class PerplexityResult:
         return math.sqrt(var / n)
 
 
-def _tokenizer_key(tokenizer) -> tuple:
-    probe = tuple(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
-    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), probe)
-
-
-def clear_token_cache() -> None:
-    """Forget all cached tokenised evaluation texts."""
-    _TOKEN_CACHE.clear()
-
-
-def _eval_token_ids(tokenizer, dataset: str, split: str, data_dir) -> torch.Tensor:
-    """Token ids ``[n_tokens]`` of the joined evaluation text, cached in-process."""
-    root = data.resolve_data_dir(data_dir)
-    key = (_tokenizer_key(tokenizer), dataset, split, None if root is None else str(root))
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = data.corpus_token_ids(tokenizer, dataset, split, data_dir=data_dir)
-    return _TOKEN_CACHE[key]
-
-
 def _input_device(model) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
@@ -151,18 +132,6 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None,
     if spread:
         return grid[spread_windows(n_full, n)], n_full
     return grid[:n], n_full
-
-
-def _decoder_and_head(model):
-    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, or None when not split that way."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    decoder = getattr(base, "model", None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    config = getattr(base, "config", None)
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None):
-        return None
-    # a peft wrapper injects LoRA into the decoder's own modules, so the base decoder still applies it
-    return decoder, head
 
 
 def perplexity(
@@ -201,16 +170,16 @@ def perplexity(
     Returns:
         :class:`PerplexityResult`.
     """
-    if dataset not in data.EVALUATION_SPLIT:
-        raise ValueError(f"unknown evaluation dataset {dataset!r}; known: {sorted(data.EVALUATION_SPLIT)}")
+    split = data.CORPORA[dataset].evaluation_split if dataset in data.CORPORA else None
+    if not split:
+        raise ValueError(f"unknown evaluation dataset {dataset!r}; known: {evaluation_corpora()}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a window must predict at least one token), got {seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    split = data.EVALUATION_SPLIT[dataset]
     ctx = ctx or single_process()
     with ctx.main_first():  # the main rank fills a download cache first
-        ids = _eval_token_ids(tokenizer, dataset, split, data_dir)  # [n_tokens_total]
+        ids = data.corpus_token_ids(tokenizer, dataset, split, data_dir=data_dir)  # [n_tokens_total], cached
 
     n_full = ids.numel() // seq_len  # full windows; the partial tail is dropped
     if n_full == 0:
@@ -247,7 +216,7 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, device: str |
     """
     ctx = ctx or single_process()
     device = _input_device(model) if device is None else torch.device(device)
-    split = None if is_sharded(model) else _decoder_and_head(model)
+    split = None if is_sharded(model) else decoder_and_head(model)
     n, seq_len = windows.shape
     out = torch.zeros(n, dtype=torch.float64, device=device)
     was_training = model.training

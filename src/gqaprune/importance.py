@@ -296,7 +296,7 @@ def _weight_metrics(layers, adapter: FamilyAdapter, shapes, metrics, norms: _Inp
                     n = max(norms.tokens, 1)
                     mean = norms.sums[(s.layer, role)] / n
                     var = (norms.sumsq[(s.layer, role)] / n - mean.square()).clamp_min(0)  # [in]
-                    add(s.layer, kind, "fluctuation", reduce(full.float().square() * var[None, :]))
+                    add(s.layer, kind, "fluctuation", reduce(w.square() * var[None, :]))  # |w|^2 = w^2
                 del full, w
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from .plan import Plan, PlanConfig, build_plan
 from .schema import ALLOCATION_CANDIDATES
+from .torchutil import decoder_and_head
 
 CRITERIA = ("kl", "nll")
 
@@ -61,15 +62,10 @@ class DenseReference:
     head: nn.Module  # the dense lm_head
 
 
-def _split(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model, base.get_output_embeddings()
-
-
 @torch.inference_mode()
 def dense_reference(dense: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> DenseReference:
     """Run the dense model once over the held-out windows and keep its final hidden states."""
-    decoder, head = _split(dense)
+    decoder, head = decoder_and_head(dense, strict=True)
     device = next(dense.parameters()).device
     parts = []
     for start in range(0, windows.shape[0], batch_size):
@@ -88,7 +84,7 @@ def heldout_criteria(model: nn.Module, ref: DenseReference, batch_size: int = 8,
     """
     was_training = model.training
     model.eval()
-    decoder, head = _split(model)
+    decoder, head = decoder_and_head(model, strict=True)
     device = next(model.parameters()).device
     n, t = ref.windows.shape
     kl_w = torch.empty(n, dtype=torch.float64)

@@ -105,3 +105,21 @@ def layer_of(name: str) -> str:
         if before == "layers" and part.isdigit():
             return f" (decoder layer {part})"
     return ""
+
+
+def decoder_and_head(model, strict: bool = False):
+    """(decoder returning last_hidden_state, lm_head) of a HF causal LM, peft-wrapped or not.
+
+    None where the logits are not ``lm_head(final hidden states)`` (no such split, or soft-capped logits);
+    with ``strict`` that raises ValueError instead. A peft wrapper injects LoRA into the decoder's own
+    modules, so the base decoder still applies it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    decoder = getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None):
+        if strict:
+            raise ValueError(f"{type(base).__name__}: its logits are not lm_head(final hidden states)")
+        return None
+    return decoder, head
