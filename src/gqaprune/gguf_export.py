@@ -718,12 +718,13 @@ def iter_gguf_layers(path: str | os.PathLike) -> Iterator[dict]:
 # ------------------------------------------------------------------------------------------------
 # running the exported file in llama.cpp (verification and benchmarks)
 # ------------------------------------------------------------------------------------------------
-def load_llama(path: str | os.PathLike, n_ctx: int = 512, n_threads: int = 2, logits_all: bool = True,
+def load_llama(path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True,
                vocab_only: bool = False, kv_f32: bool = True):
     """A ``llama_cpp.Llama`` on the GGUF ``path`` (CPU, quiet); ``logits_all`` keeps every position's logits.
 
     ``kv_f32``: keep the KV cache in float32 (llama.cpp's default is float16, which alone moves logits by
     ~1e-3 and would hide what the export itself gets right or wrong); False for llama.cpp's defaults.
+    ``n_threads``: None lets llama-cpp-python choose from the machine's cores.
     """
     llama_cpp = llama_cpp_module()
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
@@ -749,7 +750,7 @@ def window_nll(logits: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor
     return float(torch.nn.functional.cross_entropy(lg, target, reduction="sum"))
 
 
-def llama_cpp_perplexity(path: str | os.PathLike, windows: torch.Tensor, n_threads: int = 2) -> float:
+def llama_cpp_perplexity(path: str | os.PathLike, windows: torch.Tensor, n_threads: int | None = None) -> float:
     """Perplexity of the GGUF ``path`` in llama.cpp over ``windows [n_windows, seq_len]`` of token ids.
 
     Each window is evaluated from an empty context and predicts its own tokens 1..seq_len-1, the same
