@@ -2,10 +2,10 @@
 
 Made for the issue-11 GPU runs (LLaMA-3-70B shape on 4 H200, LLaMA-3-8B shape on 1 and 2) and runs the
 same on CPU (gloo) as a dry run. Every figure comes from the library calls the stages make, with a
-:class:`gqaprune.distributed.DistContext` (one process: the same functions without a process group):
-:func:`gqaprune.placement.load_model`, :func:`gqaprune.importance.score_groups`,
-:func:`gqaprune.similarity.block_similarity`, :func:`gqaprune.compensation.compensate`,
-:func:`gqaprune.surgery.save_pruned`, :func:`gqaprune.evaluation.window_nlls`. Rank 0 writes one JSON.
+:class:`gqaprune.runtime.distributed.DistContext` (one process: the same functions without a process group):
+:func:`gqaprune.runtime.placement.load_model`, :func:`gqaprune.pruning.importance.score_groups`,
+:func:`gqaprune.pruning.similarity.block_similarity`, :func:`gqaprune.pruning.compensation.compensate`,
+:func:`gqaprune.pruning.surgery.save_pruned`, :func:`gqaprune.evaluation.window_nlls`. Rank 0 writes one JSON.
 
 Write a random checkpoint of a preset once (tensor by tensor, drawn on the GPU for speed)::
 
@@ -103,7 +103,7 @@ def _memory(ctx, device) -> list[dict]:
 
 def plan_from_scores(table, ratio: float, align: int = 8) -> dict:
     """A simple plan: every layer keeps its top (1 - ratio) attention groups and MLP channels by Taylor score."""
-    from gqaprune.schema import LayerKeep
+    from gqaprune.models.units import LayerKeep
 
     keep = {}
     for layer, rows in table.groupby("layer"):
@@ -118,7 +118,7 @@ def plan_from_scores(table, ratio: float, align: int = 8) -> dict:
 
 def floors(model, samples, ctx, device, batch: int) -> dict:
     """Forward and forward+backward (parameter gradients) tokens/s over this job's split of the micro-batches."""
-    from gqaprune.placement import is_sharded
+    from gqaprune.runtime.placement import is_sharded
 
     units = ctx.split_units(math.ceil(samples.shape[0] / batch), lockstep=is_sharded(model))
     tokens = samples.numel()
@@ -153,13 +153,13 @@ def floors(model, samples, ctx, device, batch: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------- run
 def bench(args, ctx) -> dict:
-    from gqaprune.compensation import compensate
-    from gqaprune.evaluation import window_nlls
-    from gqaprune.importance import score_groups
-    from gqaprune.modelio import resolve_device
-    from gqaprune.placement import load_model
-    from gqaprune.similarity import block_similarity
-    from gqaprune.surgery import pruned_layout, save_pruned
+    from gqaprune.evaluation.perplexity import window_nlls
+    from gqaprune.models.loading import load_model
+    from gqaprune.pruning.compensation import compensate
+    from gqaprune.pruning.importance import score_groups
+    from gqaprune.pruning.similarity import block_similarity
+    from gqaprune.pruning.surgery import pruned_layout, save_pruned
+    from gqaprune.runtime.devices import resolve_device
 
     device = ctx.device if ctx.is_distributed else resolve_device(args.device)
     sections = set(args.sections)
@@ -241,7 +241,7 @@ def reference_score(args, model, samples, table, device) -> dict:
     ref = load_module_copy("importance_reference", Path(args.reference_importance))
     run = lambda: ref.score_groups(model, samples, gradient_batch_size=args.gradient_batch_size,  # noqa: E731
                                    gradient_checkpointing=args.checkpointing, progress=False)
-    from gqaprune.distributed import single_process
+    from gqaprune.runtime.distributed import single_process
 
     ctx = single_process()
     _reset_peaks(device)
@@ -253,8 +253,9 @@ def reference_score(args, model, samples, table, device) -> dict:
 
 
 def run(args, argv: list[str]) -> int:
-    from gqaprune.distributed import launch, launched, process_group
-    from gqaprune.params import DistributedParams
+    from gqaprune.config.sections import DistributedParams
+    from gqaprune.runtime.distributed import launched, process_group
+    from gqaprune.runtime.launch import launch
 
     baseline = tmp = None
     if args.baseline and not launched() and args.nproc > 1:
@@ -399,8 +400,8 @@ def main(argv=None) -> int:
     if args.cmd == "memory":
         return memory(args)
     if args.cmd == "make":
-        from gqaprune.modelio import torch_dtype
-        from gqaprune.random_models import write_random_checkpoint
+        from gqaprune.models.random_models import write_random_checkpoint
+        from gqaprune.runtime.devices import torch_dtype
 
         overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
         t0 = time.perf_counter()

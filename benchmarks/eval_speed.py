@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from gqaprune.data import corpus_token_ids
-from gqaprune.evaluation import eval_windows, window_nlls
-from gqaprune.modelio import load_model
+from gqaprune.data.windows import corpus_token_ids
+from gqaprune.evaluation.perplexity import eval_windows, window_nlls
+from gqaprune.models.loading import load_model, load_tokenizer
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -57,7 +57,7 @@ def main(
                                                  "chunk-bf16-b16-t1,chunk-bf16-b16-t2"),
 ) -> None:
     """Measure and write ``{variant: {tok_s, log_ppl, ...}}``."""
-    dense, tok = load_model(model)
+    dense, tok = load_model(model, device="cpu"), load_tokenizer(model)
     bf16 = copy.deepcopy(dense).to(torch.bfloat16)
     ids = corpus_token_ids(tok, "wikitext2", "test", data_dir=data_dir)
     w, _ = eval_windows(ids, 128, windows * 128, spread=True)

@@ -15,7 +15,7 @@ short still leaves what it measured):
   three MLP alignments. Decode replays one CUDA-graph-captured step over a static KV cache (falls back
   to, and always also reports, eager steps).
 
-Weights are random (``gqaprune.random_models``); token ids are uniform random. Run it with the
+Weights are random (``gqaprune.models.random_models``); token ids are uniform random. Run it with the
 package on the path::
 
     PYTHONPATH=src python benchmarks/gpu_8b.py --preset llama3-8b --out results/gpu_8b_llama3-8b.json

@@ -66,8 +66,8 @@ def make_model(preset: str, tokenizer_dir: Path, out: Path, device: str) -> dict
     import torch
     from transformers import AutoTokenizer
 
-    from gqaprune.checkpoint import save_model
-    from gqaprune.random_models import build_model
+    from gqaprune.models.checkpoint import save_model
+    from gqaprune.models.random_models import build_model
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -4,7 +4,7 @@
 
 1. dense SmolLM2-135M-Instruct (the embedded model) and the library's 20 % / 30 % prunes of it, made
    as the pipeline makes them: Taylor scores on 64 x 128 calibration tokens of WikiText-2 validation,
-   ``gqaprune.plan.build_plan`` with the ``plan`` section of params.yaml (only the ratio changed),
+   ``gqaprune.pruning.plan.build_plan`` with the ``plan`` section of params.yaml (only the ratio changed),
    least-squares output compensation (``surgery.compensation`` / ``surgery.ridge``);
 2. each exported to GGUF (f32 and f16) and quantised by llama.cpp to Q8_0, Q4_0 and Q4_K_M from an f16
    export whose MLP widths are zero-padded to multiples of ``--ffn-multiple`` (32: the Q8_0 / Q4_0 block;
@@ -36,17 +36,19 @@ import numpy as np
 import typer
 import yaml
 
-from gqaprune import gguf_export as gg
-from gqaprune.adapters import get_adapter
-from gqaprune.compensation import collect_stats, compensated_outputs
-from gqaprune.data import calibration_samples, corpus_token_ids
-from gqaprune.evaluation import perplexity
-from gqaprune.groups import parameter_counts
-from gqaprune.importance import score_groups
-from gqaprune.modelio import convert_embedded, load_model
-from gqaprune.params import parse_params
-from gqaprune.plan import build_plan
-from gqaprune.surgery import prune_model, save_pruned
+from gqaprune.config.loading import parse_params
+from gqaprune.data.windows import calibration_samples, corpus_token_ids
+from gqaprune.evaluation.perplexity import perplexity
+from gqaprune.export.gguf import export_gguf
+from gqaprune.export.llama_cpp import llama_cpp_logits, load_llama, quantize_gguf, window_nll
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.loading import load_model, load_tokenizer
+from gqaprune.models.sources import convert_embedded
+from gqaprune.pruning.compensation import collect_stats, compensated_outputs
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.plan import build_plan
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def _make_models(work: Path, params, data_dir: str, ratios: list[float]) -> dict
     folders = {"dense": dense_dir}
     todo = [r for r in ratios if not (work / f"pruned{round(100 * r)}" / "config.json").is_file()]
     if todo:
-        dense, tok = load_model(dense_dir)
+        dense, tok = load_model(dense_dir, device="cpu"), load_tokenizer(dense_dir)
         adapter = get_adapter(dense.config)
         geometry = adapter.geometry(dense.config)
         counts = parameter_counts(dense, adapter, geometry)
@@ -102,7 +104,7 @@ def _speed(path: Path, threads: int, pp: int, tg: int, seed: int) -> tuple[float
     divided by ``threads``. On a machine shared with other jobs the wall clock also counts time the
     threads waited for a core; CPU time does not (ggml's threads spin while they wait for each other,
     so CPU time / threads approximates the wall time of an idle machine)."""
-    llm = gg.load_llama(path, n_ctx=max(pp, tg) + 8, n_threads=threads, logits_all=False, kv_f32=False)
+    llm = load_llama(path, n_ctx=max(pp, tg) + 8, n_threads=threads, logits_all=False, kv_f32=False)
     try:
         rng = np.random.default_rng(seed)
         prompt = rng.integers(100, llm.n_vocab(), pp).tolist()
@@ -171,7 +173,7 @@ def main(
         rows = previous["models"]
         machine["quality_run"] = previous["machine"]
     for name, folder in (folders.items() if quality else ()):
-        model, tok = load_model(folder)
+        model, tok = load_model(folder, device="cpu"), load_tokenizer(folder)
         counts = parameter_counts(model, get_adapter(model.config), get_adapter(model.config).geometry(model.config))
         hf = perplexity(model, tok, "wikitext2", seq_len=seq_len, max_tokens=eval_tokens, data_dir=data_dir)
         ids = corpus_token_ids(tok, "wikitext2", "test", data_dir=data_dir)
@@ -180,16 +182,16 @@ def main(
         row = {"params": counts.total, "hf_f32_ppl": hf.ppl, "eval_tokens": hf.n_tokens, "files": {}}
         for dtype in ("f32", "f16"):
             t0 = time.perf_counter()
-            report = gg.export_gguf(folder, work / f"{name}-{dtype}.gguf", dtype=dtype)
+            report = export_gguf(folder, work / f"{name}-{dtype}.gguf", dtype=dtype)
             files[(name, dtype)] = work / f"{name}-{dtype}.gguf"
             row["arch"] = report.arch
             row["placeholders"] = report.placeholders
             row["files"][dtype] = {"export_s": round(time.perf_counter() - t0, 1)}
         qsrc = work / f"{name}-f16-pad{ffn_multiple}.gguf"
-        gg.export_gguf(folder, qsrc, dtype="f16", ffn_multiple=ffn_multiple)
+        export_gguf(folder, qsrc, dtype="f16", ffn_multiple=ffn_multiple)
         for q in qtypes:
             t0 = time.perf_counter()
-            files[(name, q)] = gg.quantize_gguf(qsrc, work / f"{name}-{q}.gguf", q, nthread=threads)
+            files[(name, q)] = quantize_gguf(qsrc, work / f"{name}-{q}.gguf", q, nthread=threads)
             row["files"][q] = {"quantize_s": round(time.perf_counter() - t0, 1)}
         for kind in ("f32", "f16", *qtypes):
             path = files[(name, kind)]
@@ -197,9 +199,9 @@ def main(
             entry["bytes"] = path.stat().st_size
             entry["weight_bytes_per_token"] = _weight_bytes_per_token(path)
             # f32: float32 KV cache (the verification against HF); others: llama.cpp's default f16 KV cache
-            llm = gg.load_llama(path, n_ctx=seq_len, n_threads=threads, kv_f32=(kind == "f32"))
+            llm = load_llama(path, n_ctx=seq_len, n_threads=threads, kv_f32=(kind == "f32"))
             try:
-                nll = sum(gg.window_nll(gg.llama_cpp_logits(llm, w), w) for w in windows)
+                nll = sum(window_nll(llama_cpp_logits(llm, w), w) for w in windows)
             finally:
                 llm.close()
             entry["ppl"] = float(np.exp(nll / (windows.shape[0] * (seq_len - 1))))

@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 import typer
 
-from gqaprune.compensation import collect_stats
-from gqaprune.data import calibration_samples, heldout_windows
-from gqaprune.modelio import load_model
-from gqaprune.selection import dense_reference, heldout_criteria, oneshot_pruner, sequential_pruner
-from gqaprune.surgery import LayerKeep
+from gqaprune.data.windows import calibration_samples, heldout_windows
+from gqaprune.models.loading import load_model, load_tokenizer
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.allocation import dense_reference, heldout_criteria, oneshot_pruner, sequential_pruner
+from gqaprune.pruning.compensation import collect_stats
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -39,7 +39,7 @@ def main(
     """Held-out KL / NLL of the same plan under each compensation."""
     torch.set_num_threads(threads)
     meta = json.loads(sorted(out.glob("meta_*.json"))[0].read_text())
-    dense, tok = load_model(model)
+    dense, tok = load_model(model, device="cpu"), load_tokenizer(model)
     n = meta["n_samples"]
     samples = calibration_samples(tok, "wikitext2", None, n, 128, 0, data_dir=data_dir)
     held = {"wikitext2": heldout_windows(tok, "wikitext2", None, 16, 128, n, 128, 0, data_dir=data_dir)}

@@ -1,7 +1,6 @@
-"""DVC stage `allocate`: a thin wrapper over `gqaprune.recipes.allocate`; `--help` lists its params."""
+"""DVC stage `allocate`: runs `gqaprune.pipeline.recipes.allocate` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import allocate
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("allocate", allocate.run)
+    stage_main("allocate")

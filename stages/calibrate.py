@@ -1,7 +1,6 @@
-"""DVC stage `calibrate`: a thin wrapper over `gqaprune.recipes.calibrate`; `--help` lists its params."""
+"""DVC stage `calibrate`: runs `gqaprune.pipeline.recipes.calibrate` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import calibrate
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("calibrate", calibrate.run)
+    stage_main("calibrate")

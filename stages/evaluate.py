@@ -1,7 +1,6 @@
-"""DVC stage `evaluate`: a thin wrapper over `gqaprune.recipes.evaluate`; `--help` lists its params."""
+"""DVC stage `evaluate`: runs `gqaprune.pipeline.recipes.evaluate` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import evaluate
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("evaluate", evaluate.run)
+    stage_main("evaluate")

@@ -1,7 +1,6 @@
-"""DVC stage `evaluate_dense`: a thin wrapper over `gqaprune.recipes.evaluate_dense`; `--help` lists its params."""
+"""DVC stage `evaluate_dense`: runs `gqaprune.pipeline.recipes.evaluate_dense` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import evaluate_dense
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("evaluate_dense", evaluate_dense.run)
+    stage_main("evaluate_dense")

@@ -1,7 +1,6 @@
-"""DVC stage `export`: a thin wrapper over `gqaprune.recipes.export`; `--help` lists its params."""
+"""DVC stage `export`: runs `gqaprune.pipeline.recipes.export` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import export
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("export", export.run)
+    stage_main("export")

@@ -1,7 +1,6 @@
-"""DVC stage `finetune`: a thin wrapper over `gqaprune.recipes.finetune`; `--help` lists its params."""
+"""DVC stage `finetune`: runs `gqaprune.pipeline.recipes.finetune` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import finetune
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("finetune", finetune.run)
+    stage_main("finetune")

@@ -1,7 +1,6 @@
-"""DVC stage `plan`: a thin wrapper over `gqaprune.recipes.plan`; `--help` lists its params."""
+"""DVC stage `plan`: runs `gqaprune.pipeline.recipes.plan` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import plan
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("plan", plan.run)
+    stage_main("plan")

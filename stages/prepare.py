@@ -1,7 +1,6 @@
-"""DVC stage `prepare`: a thin wrapper over `gqaprune.recipes.prepare`; `--help` lists its params."""
+"""DVC stage `prepare`: runs `gqaprune.pipeline.recipes.prepare` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import prepare
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("prepare", prepare.run)
+    stage_main("prepare")

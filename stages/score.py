@@ -1,7 +1,6 @@
-"""DVC stage `score`: a thin wrapper over `gqaprune.recipes.score`; `--help` lists its params."""
+"""DVC stage `score`: runs `gqaprune.pipeline.recipes.score` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import score
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("score", score.run)
+    stage_main("score")

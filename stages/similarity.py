@@ -1,7 +1,6 @@
-"""DVC stage `similarity`: a thin wrapper over `gqaprune.recipes.similarity`; `--help` lists its params."""
+"""DVC stage `similarity`: runs `gqaprune.pipeline.recipes.similarity` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import similarity
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("similarity", similarity.run)
+    stage_main("similarity")

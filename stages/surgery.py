@@ -1,7 +1,6 @@
-"""DVC stage `surgery`: a thin wrapper over `gqaprune.recipes.surgery`; `--help` lists its params."""
+"""DVC stage `surgery`: runs `gqaprune.pipeline.recipes.surgery` through the stage runner (`--help`)."""
 
-from gqaprune.recipes import surgery
-from gqaprune.stage import stage_main
+from gqaprune.pipeline.runner import stage_main
 
 if __name__ == "__main__":
-    stage_main("surgery", surgery.run)
+    stage_main("surgery")

@@ -33,7 +33,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def template(tmp_path_factory, data_dir) -> Path:
     """A project folder after prepare .. allocate on a tiny random LLaMA (copy it per test)."""
-    from gqaprune.stage import execute
+    from gqaprune.pipeline.runner import execute
     from helpers import tiny_project
 
     base = tmp_path_factory.mktemp("project")
@@ -62,8 +62,8 @@ def project(template, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("GQAPRUNE_DATA_DIR", raising=False)
     monkeypatch.delenv("GQAPRUNE_DEBUG", raising=False)
-    from gqaprune import hub
+    from gqaprune.runtime.hub import hub_reachable
 
-    hub.hub_reachable.cache_clear()
+    hub_reachable.cache_clear()
     yield root
-    hub.hub_reachable.cache_clear()
+    hub_reachable.cache_clear()

@@ -1,10 +1,10 @@
 """The N-rank side of tests/test_distributed.py: every library computation on tiny models, results to disk.
 
 ``python tests/dist_worker.py run --out DIR ...`` re-runs itself as 2 gloo ranks through
-:func:`gqaprune.distributed.launch` (the launcher the stages use) and rank 0 writes ``DIR/results.pt``;
+:func:`gqaprune.runtime.launch.launch` (the launcher the stages use) and rank 0 writes ``DIR/results.pt``;
 the tests compare it with one process running the same library functions without a context.
 
-``python tests/dist_worker.py fail --project DIR`` runs a stage through :func:`gqaprune.stage.execute`
+``python tests/dist_worker.py fail --project DIR`` runs a stage through :func:`gqaprune.pipeline.runner.execute`
 whose recipe raises on rank 1 while rank 0 waits in a collective (the error path of a real stage).
 """
 
@@ -41,7 +41,7 @@ def samples(vocab: int) -> torch.Tensor:
 def keep_for(config, uniform: bool = False):
     """A plan touching everything: layer 0 keeps half its KV groups and every 2nd MLP channel, layer 1 is
     removed, the last layer keeps a third of its MLP; ``uniform``: every layer the same halves."""
-    from gqaprune.schema import LayerKeep
+    from gqaprune.models.units import LayerKeep
 
     n, kv, inter = config.num_hidden_layers, config.num_key_value_heads, config.intermediate_size
     if uniform:
@@ -53,24 +53,24 @@ def keep_for(config, uniform: bool = False):
 
 def finetune_config():
     """Tiny LoRA settings: 3 examples a micro-batch (2 + 1 over two ranks), dropout 0 for exact equality."""
-    from gqaprune.params import FinetuneConfig
+    from gqaprune.config.sections import FinetuneConfig
 
-    return FinetuneConfig(dropout=0.0, lr=1e-2, max_length=96, batch_size=3, grad_accum=2, max_steps=3,
+    return FinetuneConfig(dropout=0.0, lr=1e-2, max_length=96, batch_size=3, grad_accum=2, max_steps=3, epochs=3.0,
                           warmup_steps=1, n_records=8)
 
 
 def instruction_records(data_dir):
     """Eight short Alpaca records (with and without input) from the local mirror."""
-    from gqaprune import data
+    from gqaprune.data.sources import load_instructions
 
-    rows = data.load_instructions(data_dir=data_dir)
+    rows = load_instructions(data_dir=data_dir)
     return [r for r in rows if len(r["output"]) <= 200 and len(r["input"]) <= 100][:8]
 
 
 def params_after(layout) -> int:
     """Parameters of a pruned layout's model (on the meta device)."""
-    from gqaprune.adapters import get_adapter
-    from gqaprune.groups import parameter_counts
+    from gqaprune.models.adapters import get_adapter
+    from gqaprune.models.groups import parameter_counts
 
     adapter = get_adapter(layout.model.config)
     return parameter_counts(layout.model, adapter, adapter.geometry(layout.model.config)).total
@@ -78,13 +78,14 @@ def params_after(layout) -> int:
 
 def computations(ctx, out: Path, tokenizer, data_dir, preset: str, source: Path, placement: str) -> dict:
     """Every library computation on one model (``ctx`` None: one process), its results and files under ``out``."""
-    from gqaprune.compensation import compensate
-    from gqaprune.evaluation import perplexity
-    from gqaprune.finetune import finetune_lora, save_adapter
-    from gqaprune.importance import score_groups
-    from gqaprune.placement import DTensor, load_model
-    from gqaprune.similarity import block_similarity
-    from gqaprune.surgery import pruned_layout, save_pruned
+    from gqaprune.evaluation.perplexity import perplexity
+    from gqaprune.models.loading import load_model
+    from gqaprune.pruning.compensation import compensate
+    from gqaprune.pruning.importance import score_groups
+    from gqaprune.pruning.similarity import block_similarity
+    from gqaprune.pruning.surgery import pruned_layout, save_pruned
+    from gqaprune.recovery.lora import finetune_lora, save_adapter
+    from gqaprune.runtime.placement import DTensor
 
     tag = f"{preset}-{placement}"
     dense = load_model(source, "float32", "cpu", ctx, placement)
@@ -129,8 +130,9 @@ def computations(ctx, out: Path, tokenizer, data_dir, preset: str, source: Path,
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from gqaprune.distributed import launch, process_group
-    from gqaprune.params import DistributedParams
+    from gqaprune.config.sections import DistributedParams
+    from gqaprune.runtime.distributed import process_group
+    from gqaprune.runtime.launch import launch
 
     code = launch(DistributedParams(nproc_per_node=args.nproc, timeout_s=args.timeout), [__file__, *sys.argv[1:]])
     if code is not None:  # the launching process: torchrun ran the ranks
@@ -154,7 +156,7 @@ def run(args) -> int:
 
 def fail(args) -> int:
     """A stage whose recipe raises on rank 1 while rank 0 waits in a collective."""
-    from gqaprune.stage import execute
+    from gqaprune.pipeline.runner import execute
 
     def recipe(params, out, ctx):
         out("artifacts/scores").mkdir(parents=True)

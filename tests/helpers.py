@@ -37,7 +37,7 @@ def small_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_pipeline_tokenizer(data_dir: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE (vocab 512) trained on a little real text; BOS "<s>" added, EOS "</s>" for LoRA."""
-    from gqaprune.finetune import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+    from gqaprune.recovery.lora import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
     wiki = (data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:100_000]
     ptb = (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8")[:50_000]
@@ -72,7 +72,7 @@ def tiny_params(model_dir: Path, data_dir: Path) -> dict:
 
 def tiny_model_folder(folder: Path, data_dir: Path, preset: str = "tiny-llama-gqa4") -> Path:
     """Save a tiny random model of ``preset`` with the pipeline tokenizer into ``folder``."""
-    from gqaprune.random_models import build_model
+    from gqaprune.models.random_models import build_model
 
     tokenizer = make_pipeline_tokenizer(data_dir)
     model = build_model(preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

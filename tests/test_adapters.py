@@ -3,9 +3,10 @@
 import pytest
 from transformers import AutoConfig
 
-from gqaprune.adapters import ADAPTERS, UnsupportedModelError, get_adapter
-from gqaprune.groups import group_table, layer_shapes, parameter_counts
-from gqaprune.random_models import PRESETS, TINY_PRESETS, build_config, build_model
+from gqaprune.errors import UnsupportedModelError
+from gqaprune.models.adapters import ADAPTERS, get_adapter
+from gqaprune.models.groups import group_table, layer_shapes, parameter_counts
+from gqaprune.models.random_models import PRESETS, TINY_PRESETS, build_config, build_model
 
 EXPECTED_RATIO = {"tiny-llama-gqa4": 4, "tiny-llama-gqa3": 3, "tiny-qwen2-gqa7": 7, "tiny-mistral-mha": 1}
 # every registered adapter, each with every tiny preset of its family: a new adapter without a tiny
@@ -79,7 +80,7 @@ def test_heads_not_divisible_by_kv_heads_refused():
         get_adapter(config)
 
     def test_setters_and_members(self, family, preset):
-        from gqaprune.hf_code.gqaprune_layout import GROUP_KINDS, EmptyMLP
+        from gqaprune.models.hf_code.gqaprune_layout import GROUP_KINDS, EmptyMLP
 
         model = build_model(preset)
         adapter = ADAPTERS[family]

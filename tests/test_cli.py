@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from gqaprune.cli import app
-from gqaprune.recipes import STAGES
+from gqaprune.pipeline.stages import STAGES
 
 runner = CliRunner()
 
@@ -60,8 +60,9 @@ def test_ppl_missing_model_is_one_line(project):
 
 def test_export_gguf_command(tmp_path):
     """`gqaprune export-gguf` writes a GGUF llama.cpp reads back, plus a Q8_0 copy from llama.cpp's quantiser."""
-    from gqaprune.random_models import build_model
-    from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+    from gqaprune.models.random_models import build_model
+    from gqaprune.models.units import LayerKeep
+    from gqaprune.pruning.surgery import prune_model, save_pruned
     from helpers import small_tokenizer
 
     tokenizer = small_tokenizer()

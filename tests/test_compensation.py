@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqaprune.compensation import collect_stats, compensated_outputs
-from gqaprune.random_models import build_model
-from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+from gqaprune.models.random_models import build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.compensation import collect_stats, compensated_outputs
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 SAMPLES = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(3))
 KEEP = {1: LayerKeep(attn=[1], mlp=list(range(0, 96, 2))), 2: LayerKeep(attn=[1], mlp=list(range(40)))}
@@ -79,7 +80,7 @@ def test_unknown_method_refused():
 def test_chunked_statistics_give_the_same_refit():
     model = build_model("tiny-llama-gqa4")
     keep = {1: KEEP[1], 2: KEEP[2]}
-    from gqaprune.compensation import compensate
+    from gqaprune.pruning.compensation import compensate
 
     whole = compensate(model, keep, SAMPLES, "lstsq", progress=False)
     chunked = compensate(model, keep, SAMPLES, "lstsq", max_stats_bytes=1, progress=False)  # a chunk per layer

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from gqaprune.distill import DistillConfig, distill, distillation_loss
-from gqaprune.random_models import build_model
-from gqaprune.selection import dense_reference, heldout_criteria
-from gqaprune.surgery import LayerKeep, prune_model
+from gqaprune.models.random_models import build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.allocation import dense_reference, heldout_criteria
+from gqaprune.pruning.surgery import prune_model
+from gqaprune.recovery.distill import DistillConfig, distill, distillation_loss
 
 WINDOWS = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(7))
 

@@ -1,6 +1,6 @@
 """N processes (torchrun, 2 gloo ranks on CPU) give the one-process results, for every tiny family preset.
 
-One 2-rank job (``tests/dist_worker.py``, started through :func:`gqaprune.distributed.launch`, the stages'
+One 2-rank job (``tests/dist_worker.py``, started through :func:`gqaprune.runtime.launch.launch`, the stages'
 launcher) loads each preset replicated and FSDP2-sharded (one of them through a prepared model's
 reference to its folder) and runs the library functions with its context: scores (all five metrics, and
 with activation checkpointing), similarity, least-squares compensation, the pruned checkpoint written one
@@ -34,16 +34,13 @@ import pytest
 import torch
 
 import dist_worker as W
-from gqaprune.distributed import (
-    DistContext,
-    launch,
-    shard_range,
-    single_process,
-    torchrun_command,
-)
-from gqaprune.params import DistributedParams, ParamsError, parse_params
-from gqaprune.placement import choose_placement, local_rows
-from gqaprune.random_models import TINY_PRESETS, build_model
+from gqaprune.config.loading import parse_params
+from gqaprune.config.rules import ParamsError
+from gqaprune.config.sections import DistributedParams
+from gqaprune.models.random_models import TINY_PRESETS, build_model
+from gqaprune.runtime.distributed import DistContext, shard_range, single_process
+from gqaprune.runtime.launch import launch, torchrun_command
+from gqaprune.runtime.placement import choose_placement, local_rows
 from helpers import SAMPLE_TEXT, bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,9 +107,9 @@ def test_fsdp_row_split_is_torch_chunk():
 
 
 def test_torchrun_command_one_host_and_several(monkeypatch):
-    argv = ["-m", "gqaprune.stage", "score", "--set", "plan.ratio=0.3"]
+    argv = ["-m", "gqaprune.pipeline.runner", "score", "--set", "plan.ratio=0.3"]
     assert torchrun_command(DistributedParams(nproc_per_node=4), argv) == [
-        "torchrun", "--nproc_per_node=4", "--standalone", "-m", "--", "gqaprune.stage", "score", "--set",
+        "torchrun", "--nproc_per_node=4", "--standalone", "-m", "--", "gqaprune.pipeline.runner", "score", "--set",
         "plan.ratio=0.3"]
     two = torchrun_command(DistributedParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="node0:29500",
                                              rdzv_id="job7"), ["stages/score.py"])
@@ -155,9 +152,9 @@ def test_taps_equal_per_micro_batch_autograd(preset):
     """One process: the taps' Taylor scores are sum_b |w g_b| with autograd's own g_b (no .grad left behind)."""
     import copy
 
-    from gqaprune.adapters import get_adapter
-    from gqaprune.groups import layer_shapes
-    from gqaprune.importance import _members, score_groups
+    from gqaprune.models.adapters import get_adapter
+    from gqaprune.models.groups import layer_shapes
+    from gqaprune.pruning.importance import _members, score_groups
 
     model = build_model(preset)
     ids = W.samples(128)
@@ -184,8 +181,8 @@ def test_taps_equal_per_micro_batch_autograd(preset):
 
 def test_merged_lora_checkpoint_equals_peft_merge(tmp_path, data_dir):
     """One process: save_pruned of a peft model (merged layer by layer) = merge_and_unload + save, byte for byte."""
-    from gqaprune.finetune import finetune_lora, merge_adapter
-    from gqaprune.surgery import save_pruned
+    from gqaprune.pruning.surgery import save_pruned
+    from gqaprune.recovery.lora import finetune_lora, merge_adapter
 
     tok = bpe_tokenizer([SAMPLE_TEXT + W.PROMPT_TEXT], 400, eos=True, model_max_length=128)
     model = build_model("tiny-qwen2-gqa7", vocab_size=len(tok))
@@ -227,7 +224,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tokenizer and every preset's dense checkpoint in several safetensors files (one also as a reference)."""
-    from gqaprune.modelio import write_reference
+    from gqaprune.models.sources import write_reference
 
     root = tmp_path_factory.mktemp("dist")
     tok = bpe_tokenizer([SAMPLE_TEXT, W.PROMPT_TEXT], 400, eos=True, model_max_length=128)
@@ -312,7 +309,7 @@ def test_similarity_equals_one_process(two_ranks, reference, preset, placement):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,placement", CASES)
 def test_pruned_checkpoint_equals_one_process(two_ranks, reference, models, preset, placement):
-    from gqaprune.modelio import load_causal_lm
+    from gqaprune.models.loading import load_model
 
     got, want = two_ranks[f"{preset}-{placement}"], reference[preset]
     assert got["report"] == want["report"]
@@ -328,7 +325,7 @@ def test_pruned_checkpoint_equals_one_process(two_ranks, reference, models, pres
     assert (folder / "tokenizer.json").exists()
     ids = W.samples(128)
     with torch.no_grad():
-        a, b = load_causal_lm(folder).eval(), load_causal_lm(single).eval()
+        a, b = load_model(folder).eval(), load_model(single).eval()
         torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-5)
     _same_checkpoint(models / "ranks" / "uniform" / tag, models / "single" / "uniform" / f"{preset}-replicate", rtol=0)
 
@@ -370,8 +367,8 @@ def _stage(project: Path, stage: str, *sets: str) -> subprocess.CompletedProcess
 @pytest.mark.slow
 def test_stages_on_two_processes_write_the_one_process_artifacts(project):
     """score (sharded) and surgery (replicated, lstsq refits) on 2 gloo ranks = the same stages in one process."""
-    from gqaprune.artifacts import read_table
-    from gqaprune.stage import execute
+    from gqaprune.pipeline.artifacts import read_table
+    from gqaprune.pipeline.runner import execute
 
     two = ["distributed.nproc_per_node=2", "distributed.timeout_s=120", "score.metrics=[taylor, taylor_2nd, "
            "wanda, magnitude, fluctuation]", "score.gradient_batch_size=3"]

@@ -1,34 +1,47 @@
-"""dvc.yaml agrees with the code: each stage depends on exactly the modules it runs and declares its outputs."""
+"""dvc.yaml is generated from the stage table: each stage depends on exactly the code it computes with."""
 
 from pathlib import Path
 
 import yaml
 
-from gqaprune.depgraph import check, closure, stage_code_deps
-from gqaprune.recipes import STAGES
+from gqaprune.pipeline.dvc_file import check, closure, generate, stage_code_deps
+from gqaprune.pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_code_deps_are_the_imported_modules():
+def test_dvc_yaml_is_the_generated_one():
     assert check(ROOT) == []
 
 
-def test_closure_follows_function_level_and_relative_imports():
+def test_closure_follows_function_level_imports():
     deps = stage_code_deps(ROOT, "evaluate")
-    # evaluate -> recipes.evaluate -> evaluation -> data (the perplexity protocol) -> corpora
-    for module in ("src/gqaprune/evaluation.py", "src/gqaprune/data.py", "src/gqaprune/corpora.py",
-                   "src/gqaprune/stage.py", "src/gqaprune/params.py", "src/gqaprune/modelio.py",
-                   "src/gqaprune/hf_code/modeling_gqaprune.py", "src/gqaprune/hf_code/gqaprune_layout.py"):
+    # evaluate -> its recipe -> perplexity -> windows (the protocol) -> corpora; the loader -> saved modeling code
+    for module in ("src/gqaprune/evaluation/perplexity.py", "src/gqaprune/data/windows.py",
+                   "src/gqaprune/config/corpora.py", "src/gqaprune/config/sections.py",
+                   "src/gqaprune/models/loading.py", "src/gqaprune/models/hf_code/modeling_gqaprune.py",
+                   "src/gqaprune/models/hf_code/gqaprune_layout.py"):
         assert module in deps, module
     plan = stage_code_deps(ROOT, "plan")
-    assert "src/gqaprune/importance.py" not in plan and "src/gqaprune/surgery.py" not in plan
-    assert ROOT / "src/gqaprune/artifacts.py" in closure(ROOT / "src", ROOT / "src/gqaprune/stage.py")
+    assert "src/gqaprune/pruning/importance.py" not in plan and "src/gqaprune/pruning/surgery.py" not in plan
+    assert not any("torch" in d for d in plan)
 
 
-def test_outputs_match_the_recipes():
+def test_the_launcher_and_runner_are_no_stage_dependency():
+    """How a stage is started, logged and spread over processes changes no result: editing those files must
+    not invalidate cached results (README "What DVC can rely on")."""
+    for name in STAGES:
+        deps = stage_code_deps(ROOT, name)
+        for plumbing in ("src/gqaprune/pipeline/runner.py", "src/gqaprune/runtime/launch.py", "src/gqaprune/cli.py",
+                         f"stages/{name}.py", "src/gqaprune/pipeline/__init__.py"):
+            assert plumbing not in deps, (name, plumbing)
+    assert ROOT / "src/gqaprune/pipeline/artifacts.py" in closure(ROOT / "src",
+                                                                  ROOT / "src/gqaprune/pipeline/runner.py")
+
+
+def test_outputs_match_the_stage_table():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(STAGES)
+    assert stages == generate(ROOT)["stages"]
     for name, stage in stages.items():
         declared = list(stage.get("outs", []))
         for key in ("metrics", "plots"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gqaprune import data, evaluation
-from gqaprune.evaluation import PerplexityResult, PPLMetric, perplexity
+from gqaprune.data import windows
+from gqaprune.evaluation.perplexity import PerplexityResult, PPLMetric, clear_token_cache, perplexity
 from helpers import small_tokenizer
 
 _SHORT_ROWS = [
@@ -104,13 +104,13 @@ def test_uniform_logits_give_vocab_size(model, tokenizer, data_dir):
 
 
 def test_token_cache_and_training_flag(model, tokenizer, short_dir, monkeypatch):
-    evaluation.clear_token_cache()
+    clear_token_cache()
     first = perplexity(model, tokenizer, "wikitext2", seq_len=8, data_dir=short_dir)
 
     def fail(*args, **kwargs):
         raise AssertionError("re-tokenised a cached evaluation text")
 
-    monkeypatch.setattr(data, "tokenize_text", fail)  # the cache sits in front of the tokenisation
+    monkeypatch.setattr(windows, "tokenize_text", fail)  # the cache sits in front of the tokenisation
     model.train()
     second = perplexity(model, tokenizer, "wikitext2", seq_len=8, data_dir=short_dir)
     assert model.training  # restored after evaluation

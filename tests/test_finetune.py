@@ -1,4 +1,4 @@
-"""Tests for gqaprune.finetune: Alpaca encoding, LoRA recovery on tiny (pruned) random models, merge/save."""
+"""Tests for gqaprune.recovery.lora: Alpaca encoding, LoRA recovery on tiny (pruned) random models, merge/save."""
 
 import copy
 import dataclasses
@@ -8,8 +8,13 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerFast
 
-from gqaprune import data
-from gqaprune.finetune import (
+from gqaprune.data.sources import load_instructions
+from gqaprune.models.hf_code.modeling_gqaprune import EmptyAttention
+from gqaprune.models.loading import load_model
+from gqaprune.models.random_models import build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.surgery import prune_model, save_pruned
+from gqaprune.recovery.lora import (
     IGNORE_INDEX,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
@@ -22,10 +27,6 @@ from gqaprune.finetune import (
     merge_adapter,
     save_adapter,
 )
-from gqaprune.hf_code.modeling_gqaprune import EmptyAttention
-from gqaprune.modelio import load_causal_lm
-from gqaprune.random_models import build_model
-from gqaprune.surgery import LayerKeep, prune_model, save_pruned
 from helpers import bpe_tokenizer
 
 _TRAIN_TEXT = (
@@ -35,7 +36,7 @@ _TRAIN_TEXT = (
     "Describe the structure of an atom. An atom is made up of a nucleus and electrons. "
 ) * 10
 
-FAST = dict(dropout=0.0, lr=1e-2, max_length=128, batch_size=4)  # tiny, quick, high-lr settings
+FAST = dict(dropout=0.0, lr=1e-2, max_length=128, batch_size=4, epochs=3.0)  # tiny, quick, high-lr settings
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -60,7 +61,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def records(data_dir):
     """A few real Alpaca records with short responses (with and without input), for speed."""
-    rows = data.load_instructions(data_dir=data_dir)
+    rows = load_instructions(data_dir=data_dir)
     short = [r for r in rows if len(r["output"]) <= 200 and len(r["input"]) <= 100]
     assert any(r["input"] for r in short[:8]) and any(not r["input"] for r in short[:8])
     return short[:8]
@@ -144,7 +145,7 @@ def test_training_lowers_loss_and_only_trains_lora(tokenizer, records):
     before = instruction_loss(model, tokenizer, records, max_length=128)
 
     logged = []
-    config = FinetuneConfig(**FAST, epochs=100, max_steps=30, warmup_steps=3)
+    config = FinetuneConfig(**dict(FAST, epochs=100), max_steps=30, warmup_steps=3)
     peft_model = finetune_lora(model, tokenizer, records, config, log=lambda *a: logged.append(a))
     after = instruction_loss(peft_model, tokenizer, records, max_length=128)
     assert after < before - 1.0, (before, after)  # about 6.4 -> 3.6
@@ -217,7 +218,7 @@ def test_pruned_model_merge_and_reload(tokenizer, records, tmp_path):
     assert torch.allclose(logits(merged, ids), tuned, atol=1e-5)
 
     out = save_pruned(merged, tokenizer, tmp_path / "merged")
-    loaded = load_causal_lm(out).eval()
+    loaded = load_model(out).eval()
     assert torch.allclose(logits(loaded, ids), tuned, atol=1e-5)
 
 

@@ -1,7 +1,7 @@
 """GGUF export, checked by llama.cpp itself (llama-cpp-python) against the HF model on the same token ids.
 
 Tolerances (max |logit difference| over every position and vocabulary entry; llama.cpp runs with a
-float32 KV cache, see ``gguf_export.load_llama``):
+float32 KV cache, see ``load_llama``):
 * f32 export: ``F32_ATOL`` = 1e-4 on tiny models (max |logit| 2-5; measured 0.5-1.5e-6),
   ``REAL_F32_ATOL`` = 5e-3 on the pruned SmolLM2 (29 layers, max |logit| ~42; measured 9.8e-4);
 * f16 export: ``F16_ATOL`` = 1e-2 (measured 0.8-2.2e-3); bf16: ``BF16_ATOL`` = 5e-2 (measured 0.7-1.9e-2);
@@ -25,12 +25,23 @@ import pytest
 import torch
 from torch import nn
 
-from gqaprune import gguf_export
-from gqaprune.gguf_export import UnsupportedExportError, export_gguf, iter_gguf_layers
-from gqaprune.modelcard import card_for_checkpoint, model_card, write_model_card
-from gqaprune.modelio import load_causal_lm
-from gqaprune.random_models import build_model
-from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+from gqaprune.errors import UnsupportedExportError
+from gqaprune.export import gguf, gguf_tensors
+from gqaprune.export.gguf import export_gguf
+from gqaprune.export.gguf_layers import PLACEHOLDER_FFN
+from gqaprune.export.llama_cpp import (
+    iter_gguf_layers,
+    llama_cpp_logits,
+    llama_cpp_perplexity,
+    load_llama,
+    quantize_gguf,
+    window_nll,
+)
+from gqaprune.export.model_card import card_for_checkpoint, model_card, write_model_card
+from gqaprune.models.loading import load_model
+from gqaprune.models.random_models import build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import SAMPLE_TEXT, small_tokenizer  # noqa: E402
@@ -120,7 +131,7 @@ def _make(tmp_path: Path, tokenizer, preset: str, spec: dict, extra_bias: bool =
     prune_model(model, _keep(model, spec), replacements)
     folder = tmp_path / "model"
     save_pruned(model, tokenizer, folder)
-    return folder, load_causal_lm(folder).eval()
+    return folder, load_model(folder).eval()
 
 
 def _hf_logits(model: nn.Module, ids: list[int]) -> np.ndarray:
@@ -130,9 +141,9 @@ def _hf_logits(model: nn.Module, ids: list[int]) -> np.ndarray:
 
 def _gguf_logits(path: Path, ids: list[int]) -> np.ndarray:
     _llama_cpp()
-    llm = gguf_export.load_llama(path, n_ctx=64)
+    llm = load_llama(path, n_ctx=64)
     try:
-        return gguf_export.llama_cpp_logits(llm, ids)
+        return llama_cpp_logits(llm, ids)
     finally:
         llm.close()
 
@@ -176,7 +187,7 @@ def test_half_precision_export(tmp_path, tokenizer, dtype, atol, max_size):
 def test_rope_order_matters(tmp_path, tokenizer, monkeypatch):
     """Negative control: without the q/k row re-ordering the logits test fails, so it can catch RoPE bugs."""
     folder, model = _make(tmp_path, tokenizer, "tiny-llama-gqa4", CASES["nonuniform-llama"][1])
-    monkeypatch.setattr(gguf_export, "rope_pairs_order", lambda rows, n_heads: torch.as_tensor(rows))
+    monkeypatch.setattr(gguf_tensors, "rope_pairs_order", lambda rows, n_heads: torch.as_tensor(rows))
     export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
     diff = float(np.abs(_gguf_logits(tmp_path / "m.gguf", IDS) - _hf_logits(model, IDS)).max())
     assert diff > 20 * F32_ATOL
@@ -189,7 +200,7 @@ def test_emptied_mlp_needs_the_placeholder(tmp_path, tokenizer, monkeypatch):
     ref = _hf_logits(model, IDS)
     export_gguf(folder, tmp_path / "ok.gguf", dtype="f32")
     assert float(np.abs(_gguf_logits(tmp_path / "ok.gguf", IDS) - ref).max()) < F32_ATOL
-    monkeypatch.setattr(gguf_export, "encode_layers", lambda specs, q_per_kv: list(specs))
+    monkeypatch.setattr(gguf, "encode_layers", lambda specs, q_per_kv: list(specs))
     report = export_gguf(folder, tmp_path / "raw.gguf", dtype="f32")
     assert [s["ffn"] for s in report.layers] == [96, 0, 96, 96]
     assert float(np.abs(_gguf_logits(tmp_path / "raw.gguf", IDS) - ref).max()) > 100 * F32_ATOL
@@ -201,7 +212,7 @@ def test_per_layer_metadata_and_placeholders(tmp_path, tokenizer):
     layers = list(iter_gguf_layers(tmp_path / "m.gguf"))
     # dense layer 0 removed; old 1 full; old 2 attention [0] + emptied MLP; old 3 emptied attention + 40 channels
     assert [(x["heads"], x["kv_heads"], x["ffn"]) for x in layers] == [
-        (8, 2, 96), (4, 1, gguf_export.PLACEHOLDER_FFN), (0, 0, 40)]
+        (8, 2, 96), (4, 1, PLACEHOLDER_FFN), (0, 0, 40)]
     assert [s["source_layer"] for s in report.layers] == [1, 2, 3]
     assert len(report.placeholders) == 1 and "emptied MLP" in report.placeholders[0]
 
@@ -229,7 +240,7 @@ def test_sharded_bfloat16_checkpoint(tmp_path, tokenizer):
     (sharded / "config.json").write_text((folder / "config.json").read_text())  # same geometry, same keys
     assert (sharded / "model.safetensors.index.json").is_file()
     export_gguf(sharded, tmp_path / "m.gguf", dtype="f32")
-    ref = _hf_logits(load_causal_lm(sharded).eval(), IDS)  # the bf16-rounded weights, computed in float32
+    ref = _hf_logits(load_model(sharded).eval(), IDS)  # the bf16-rounded weights, computed in float32
     assert float(np.abs(_gguf_logits(tmp_path / "m.gguf", IDS) - ref).max()) < F32_ATOL
 
 
@@ -270,7 +281,7 @@ def test_tokenizer_metadata_and_tokenisation(tmp_path, tokenizer, preset):
     assert fields["tokenizer.ggml.tokens"].contents()[-1] == f"[PAD{len(tokenizer) + 19}]"  # padded vocabulary
     assert "messages" in fields["tokenizer.chat_template"].contents()
     _llama_cpp()
-    llm = gguf_export.load_llama(tmp_path / "m.gguf", vocab_only=True)
+    llm = load_llama(tmp_path / "m.gguf", vocab_only=True)
     try:
         for text in (SAMPLE_TEXT[:200], " the dow jones , 2000 !", "Robert Boulter is an actor .\n\n = = x",
                      "<s> starring 1234 times"):
@@ -290,7 +301,7 @@ def test_rope_scaling(tmp_path, tokenizer, rope):
                                  rope_parameters={"rope_theta": 10000.0, **rope}))
     prune_model(model, _keep(model, spec))
     save_pruned(model, tokenizer, tmp_path / "model")
-    model = load_causal_lm(tmp_path / "model").eval()
+    model = load_model(tmp_path / "model").eval()
     ref = _hf_logits(model, IDS)
     assert np.abs(ref - _hf_logits(plain, IDS)).max() > 100 * F32_ATOL  # the scaling matters at these positions
     export_gguf(tmp_path / "model", tmp_path / "m.gguf", dtype="f32")
@@ -325,17 +336,17 @@ def test_quantize(tmp_path, tokenizer):
     export_gguf(folder, tmp_path / "m32.gguf", dtype="f16", ffn_multiple=32)
     ref = _hf_logits(model, IDS)
     for qtype, atol in (("Q8_0", 0.1), ("Q4_0", 1.0)):
-        out = gguf_export.quantize_gguf(tmp_path / "m32.gguf", tmp_path / f"m-{qtype}.gguf", qtype, nthread=2)
+        out = quantize_gguf(tmp_path / "m32.gguf", tmp_path / f"m-{qtype}.gguf", qtype, nthread=2)
         assert out.stat().st_size < (tmp_path / "m32.gguf").stat().st_size
         types = _matrix_types(out)  # llama.cpp keeps the output matrix at higher precision by design
         assert types["ffn_down"] == {qtype} and not any("F16" in v for v in types.values()), types
         diff = float(np.abs(_gguf_logits(out, IDS) - ref).max())
         assert diff < atol, f"{qtype}: {diff:.3f}"
     # MLP widths 40 / 72 / 16 are not multiples of 32: without padding llama.cpp keeps those ffn_down in F16
-    unpadded = gguf_export.quantize_gguf(tmp_path / "m.gguf", tmp_path / "u-Q8_0.gguf", "Q8_0", nthread=2)
+    unpadded = quantize_gguf(tmp_path / "m.gguf", tmp_path / "u-Q8_0.gguf", "Q8_0", nthread=2)
     assert _matrix_types(unpadded)["ffn_down"] == {"Q8_0", "F16"}
     with pytest.raises(UnsupportedExportError, match="Q3_X"):
-        gguf_export.quantize_gguf(tmp_path / "m.gguf", tmp_path / "bad.gguf", "Q3_X")
+        quantize_gguf(tmp_path / "m.gguf", tmp_path / "bad.gguf", "Q3_X")
 
 
 def test_model_card_is_deterministic(tmp_path, tokenizer):
@@ -370,11 +381,11 @@ def test_model_card_is_deterministic(tmp_path, tokenizer):
 def smollm2_pruned(tmp_path_factory):
     """SmolLM2-135M pruned by hand to a non-uniform shape with an emptied attention, an emptied MLP and a
     removed layer (no compensation: the export, not the plan, is under test)."""
-    from gqaprune.modelio import convert_embedded
+    from gqaprune.models.sources import convert_embedded
 
     root = tmp_path_factory.mktemp("smollm2")
     dense = convert_embedded(root / "dense")
-    model = load_causal_lm(dense).eval()
+    model = load_model(dense).eval()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(dense)
@@ -396,7 +407,7 @@ def test_smollm2_tokenizer_matches_hf(tmp_path, smollm2_pruned):
     report = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
     assert report.arch == "deci"
     _llama_cpp()
-    llm = gguf_export.load_llama(tmp_path / "m.gguf", vocab_only=True)
+    llm = load_llama(tmp_path / "m.gguf", vocab_only=True)
     texts = [" = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .",
              "The year 2024 had 366 days; 12345 + 678 = 13023.", "  leading spaces,\ttabs\nand new\n\nlines",
              "Ünïcödé — “quotes” and emoji 🙂, naïve café.",
@@ -411,7 +422,7 @@ def test_smollm2_tokenizer_matches_hf(tmp_path, smollm2_pruned):
 
 @pytest.mark.slow
 def test_smollm2_logits_and_perplexity(tmp_path, smollm2_pruned, data_dir):
-    from gqaprune.data import corpus_token_ids
+    from gqaprune.data.windows import corpus_token_ids
 
     folder, model, tok = smollm2_pruned
     report = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
@@ -423,15 +434,15 @@ def test_smollm2_logits_and_perplexity(tmp_path, smollm2_pruned, data_dir):
         for w in windows:
             lg = model(input_ids=w[None]).logits[0].float()
             hf_logits.append(lg.numpy())
-            hf_nll += gguf_export.window_nll(lg, w)
+            hf_nll += window_nll(lg, w)
     hf_ppl = float(np.exp(hf_nll / (4 * 127)))
     _llama_cpp()
-    llm = gguf_export.load_llama(tmp_path / "m.gguf", n_ctx=128)
+    llm = load_llama(tmp_path / "m.gguf", n_ctx=128)
     try:
-        got = gguf_export.llama_cpp_logits(llm, windows[0])
+        got = llama_cpp_logits(llm, windows[0])
     finally:
         llm.close()
     diff = float(np.abs(got - hf_logits[0]).max())
     assert diff < REAL_F32_ATOL, f"max |logit diff| {diff:.2e}"
-    cpp_ppl = gguf_export.llama_cpp_perplexity(tmp_path / "m.gguf", windows)
+    cpp_ppl = llama_cpp_perplexity(tmp_path / "m.gguf", windows)
     assert abs(cpp_ppl / hf_ppl - 1) < PPL_RTOL, (cpp_ppl, hf_ppl)

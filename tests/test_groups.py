@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from gqaprune import schema
-from gqaprune.adapters import get_adapter
-from gqaprune.groups import member_width
-from gqaprune.hf_code import gqaprune_layout as layout
-from gqaprune.random_models import TINY_PRESETS, build_model
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import member_width
+from gqaprune.models.hf_code import gqaprune_layout as layout
+from gqaprune.models.random_models import TINY_PRESETS, build_model
+from gqaprune.models.units import ATTN, KINDS, MLP
 
 
 def test_schema_kinds_are_the_layout_kinds():
-    assert (schema.ATTN, schema.MLP, schema.KINDS) == (layout.ATTN, layout.MLP, layout.KINDS)
-    assert set(layout.GROUP_KINDS) == set(schema.KINDS)
+    assert (ATTN, MLP, KINDS) == (layout.ATTN, layout.MLP, layout.KINDS)
+    assert set(layout.GROUP_KINDS) == set(KINDS)
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -21,7 +21,7 @@ def test_member_widths_add_up_to_the_group_cost(preset):
     adapter = get_adapter(model.config)
     geo = adapter.geometry(model.config)
     layer = adapter.layers(model)[0]
-    for kind, cost in ((schema.ATTN, geo.attn_group_cost), (schema.MLP, geo.mlp_channel_cost)):
+    for kind, cost in ((ATTN, geo.attn_group_cost), (MLP, geo.mlp_channel_cost)):
         total = 0
         for member, lin in adapter.members(layer, kind):
             width = member_width(member, geo)

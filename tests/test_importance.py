@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gqaprune.adapters import get_adapter
-from gqaprune.importance import METRICS, score_groups
-from gqaprune.random_models import TINY_PRESETS, build_model
-from gqaprune.similarity import block_similarity
+from gqaprune.config.choices import METRICS
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.random_models import TINY_PRESETS, build_model
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.similarity import block_similarity
 
 SAMPLES = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(1))
 

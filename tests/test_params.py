@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gqaprune.params import ParamsError, load_params
+from gqaprune.config.loading import load_params
+from gqaprune.config.rules import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +48,33 @@ def test_overrides_parse_yaml_values():
 def test_missing_file_named(tmp_path):
     with pytest.raises(ParamsError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_params_yaml_holds_every_key_with_the_code_default():
+    """One source of truth: every key of every section is in params.yaml with the value the code (and so
+    ``--help``) gives as its default, and params.yaml holds no key the code does not know."""
+    import dataclasses
+
+    import yaml
+
+    from gqaprune.config.sections import SECTIONS
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw) == {cls.section for cls in SECTIONS}
+    parsed = load_params(ROOT / "params.yaml")
+    for cls in SECTIONS:
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        assert set(raw[cls.section]) == {f.name for f in fields}, cls.section
+        section = getattr(parsed, cls.section)
+        for f in fields:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert getattr(section, f.name) == default, f"{cls.section}.{f.name}"
+
+
+def test_help_shows_the_params_yaml_values():
+    from gqaprune.pipeline.runner import help_text
+    from gqaprune.pipeline.stages import STAGES
+
+    text = help_text(STAGES["calibrate"])
+    assert "n_samples (int, default 64)" in text
+    assert "temperature (float, default 0.0)" in help_text(STAGES["plan"])

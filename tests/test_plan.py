@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from gqaprune.adapters import get_adapter
-from gqaprune.artifacts import ArtifactMismatchError, check_fingerprint, read_table, write_table
-from gqaprune.groups import parameter_counts
-from gqaprune.importance import score_groups
-from gqaprune.modelio import fingerprint
-from gqaprune.plan import PlanConfig, PlanError, build_plan
-from gqaprune.random_models import build_model
-from gqaprune.similarity import block_similarity
-from gqaprune.surgery import prune_model
+from gqaprune.config.rules import PlanError
+from gqaprune.config.sections import PlanConfig
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.fingerprint import fingerprint
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.random_models import build_model
+from gqaprune.pipeline.artifacts import ArtifactMismatchError, check_fingerprint, read_table, write_table
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.plan import build_plan
+from gqaprune.pruning.similarity import block_similarity
+from gqaprune.pruning.surgery import prune_model
 
 SAMPLES = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(2))
 
@@ -34,7 +36,7 @@ def scored():
 @pytest.mark.parametrize("align", [1, 8])
 def test_budget_lands_within_one_unit(scored, ratio, align):
     model, geo, counts, scores, sim = scored
-    plan = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=ratio, mlp_align=align))
+    plan = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=ratio, mlp_align=align, temperature=1.0))
     a = plan.analysis
     gap = a["target_params_removed"] - a["params_removed"]
     assert 0 <= gap < align * geo.mlp_channel_cost
@@ -50,7 +52,7 @@ def test_budget_lands_within_one_unit(scored, ratio, align):
 
 def test_same_inputs_give_byte_identical_plan(scored):
     _, geo, counts, scores, sim = scored
-    config = PlanConfig(ratio=0.3, epsilon=0.3)
+    config = PlanConfig(ratio=0.3, epsilon=0.3, temperature=1.0)
     one = build_plan(scores, sim, counts, geo.num_layers, config)
     two = build_plan(scores.copy(), sim.copy(), counts, geo.num_layers, config)
     assert one.table.to_csv().encode() == two.table.to_csv().encode()
@@ -71,11 +73,11 @@ def test_temperature_zero_needs_no_similarity_and_ranks_by_importance(scored):
 
 def test_tau_gates_layer_and_block_priors(scored):
     _, geo, counts, scores, sim = scored
-    all_layer = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=math.inf))
+    all_layer = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=math.inf, temperature=1.0))
     assert set(all_layer.layers["mode"]) == {"layer"}
     t = all_layer.table
     assert np.allclose(t["prior"], sim["layer_importance"].to_numpy()[t["layer"]])
-    all_block = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=0.0))
+    all_block = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(tau=0.0, temperature=1.0))
     assert set(all_block.layers["mode"]) == {"block"}
     literal = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(prior_norm="none", temperature=2.0))
     assert literal.analysis["tau_used"] == pytest.approx(np.percentile(sim["layer_importance"], 25))
@@ -113,7 +115,8 @@ def test_standardize_is_per_block(scored):
 
 def test_epsilon_collapses_thin_blocks_and_keeps_budget(scored):
     _, geo, counts, scores, sim = scored
-    plan = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.4, epsilon=0.6, mlp_align=1))
+    plan = build_plan(scores, sim, counts, geo.num_layers,
+                      PlanConfig(ratio=0.4, epsilon=0.6, mlp_align=1, temperature=1.0))
     layers = plan.layers
     for kind, total in (("attn", "attn_groups"), ("mlp", "mlp_channels")):
         kept = layers[f"{kind}_kept"]
@@ -125,9 +128,9 @@ def test_epsilon_collapses_thin_blocks_and_keeps_budget(scored):
 def test_frozen_layers_untouched_and_layer_strategy(scored):
     _, geo, counts, scores, sim = scored
     plan = build_plan(scores, sim, counts, geo.num_layers,
-                      PlanConfig(ratio=0.3, freeze_first_n_layers=2, freeze_last_n_layers=1))
+                      PlanConfig(ratio=0.3, freeze_first_n_layers=2, freeze_last_n_layers=1, temperature=1.0))
     assert not plan.table[plan.table["layer"].isin([0, 1, 5])]["pruned"].any()
-    layered = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.3, strategy="layer"))
+    layered = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.3, strategy="layer", temperature=1.0))
     removed = layered.analysis["removed_layers"]
     assert len(removed) == 2  # 2 of 6 layers is the closest to 30% of all parameters here
     least = sim.sort_values("layer_importance")["layer"].tolist()[:2]
@@ -146,7 +149,7 @@ def test_frozen_layers_untouched_and_layer_strategy(scored):
 def test_impossible_settings_refused(scored, kwargs, message):
     _, geo, counts, scores, sim = scored
     with pytest.raises(PlanError, match=message):
-        build_plan(scores, sim, counts, geo.num_layers, PlanConfig(**kwargs))
+        build_plan(scores, sim, counts, geo.num_layers, PlanConfig(**{"temperature": 1.0, **kwargs}))
 
 
 def test_nan_scores_refused(scored):
@@ -154,7 +157,7 @@ def test_nan_scores_refused(scored):
     bad = scores.copy()
     bad.loc[3, "taylor"] = np.nan
     with pytest.raises(PlanError, match="NaN"):
-        build_plan(bad, sim, counts, geo.num_layers, PlanConfig())
+        build_plan(bad, sim, counts, geo.num_layers, PlanConfig(temperature=1.0))
 
 
 def test_scores_of_another_model_refused(scored, tmp_path):

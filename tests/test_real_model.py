@@ -12,13 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqaprune.adapters import get_adapter
-from gqaprune.data import calibration_samples
-from gqaprune.evaluation import perplexity
-from gqaprune.groups import parameter_counts
-from gqaprune.modelio import convert_embedded, load_causal_lm
-from gqaprune.plan import PlanConfig, build_plan
-from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+from gqaprune.config.sections import PlanConfig
+from gqaprune.data.windows import calibration_samples
+from gqaprune.evaluation.perplexity import perplexity
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.loading import load_model
+from gqaprune.models.sources import convert_embedded
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.plan import build_plan
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +44,7 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def dense(model_dir):
-    return load_causal_lm(model_dir).eval()
+    return load_model(model_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +77,9 @@ def test_dense_perplexity(dense_result):
 
 
 def test_prune_save_reload(model_dir, tokenizer, data_dir, dense_ppl, tmp_path):
-    from gqaprune.importance import score_groups
+    from gqaprune.pruning.importance import score_groups
 
-    model = load_causal_lm(model_dir).eval()
+    model = load_model(model_dir).eval()
     samples = calibration_samples(tokenizer, "wikitext2", None, 4, 64, 0, data_dir=data_dir)
     assert samples.shape == (4, 64)
     scores = score_groups(model, samples, metrics=["wanda"], progress=False)

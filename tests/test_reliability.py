@@ -1,6 +1,6 @@
 """The pipeline keeps its promises under bad input, interruption and edits (issue 9).
 
-Stages run in-process (``gqaprune.stage.execute``, what ``stages/<name>.py`` calls) in a scratch project
+Stages run in-process (``gqaprune.pipeline.runner.execute``, what ``stages/<name>.py`` calls) in a scratch project
 folder holding a tiny random LLaMA with a real byte-level BPE tokenizer; one test runs the real stage
 command in a subprocess to check the one-line error end to end.
 """
@@ -19,11 +19,12 @@ import pytest
 import torch
 import yaml
 
-from gqaprune.artifacts import atomic_dir, read_table, stage_outputs, write_json, write_table
 from gqaprune.errors import NonFiniteError
-from gqaprune.modelio import fingerprint, fingerprint_files
-from gqaprune.random_models import build_model
-from gqaprune.stage import execute
+from gqaprune.models.fingerprint import fingerprint, fingerprint_files
+from gqaprune.models.random_models import build_model
+from gqaprune.pipeline.artifacts import read_table, stage_outputs, write_table
+from gqaprune.pipeline.runner import execute
+from gqaprune.runtime.files import atomic_dir, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,7 @@ def test_the_stage_command_prints_one_line(project):
 
 def test_failed_stage_replaces_nothing(project, capsys, monkeypatch):
     """A prepare that fails after building the new model folder keeps the old folder *and* model.json."""
-    import gqaprune.recipes.prepare as prepare
+    import gqaprune.pipeline.recipes.prepare as prepare
 
     before = {p: tree_bytes(project / p) for p in ("artifacts/model.json", "artifacts/model", "data/corpora")}
     other = project.parent / "other-model"
@@ -220,7 +221,7 @@ def test_recalibrating_gives_identical_bytes(project):
     assert set(first) == {"samples.safetensors", "heldout.safetensors"}
     # a separate process (safetensors' own writer ordered the metadata differently per process)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
-    done = subprocess.run([sys.executable, "-m", "gqaprune.stage", "calibrate"], cwd=project, env=env,
+    done = subprocess.run([sys.executable, "-m", "gqaprune.pipeline.runner", "calibrate"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {f.name: f.read_bytes() for f in folder.glob("*.safetensors")} == first
@@ -230,7 +231,7 @@ def test_safetensors_metadata_order_does_not_change_bytes(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from gqaprune.checkpoint import write_safetensors
+    from gqaprune.models.checkpoint import write_safetensors
 
     ids = torch.arange(12).view(3, 4)
     write_safetensors([("input_ids", ids)], tmp_path / "one.safetensors", {"seed": "0", "dataset": "ptb", "n": "3"})
@@ -253,7 +254,7 @@ def test_table_metadata_order_does_not_change_bytes(tmp_path):
 def test_lora_adapter_config_is_byte_stable(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from gqaprune.finetune import save_adapter
+    from gqaprune.recovery.lora import save_adapter
 
     def adapter_config(path: Path) -> bytes:
         model = build_model("tiny-llama-gqa4")

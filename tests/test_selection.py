@@ -5,14 +5,13 @@ import math
 import pytest
 import torch
 
-from gqaprune import data, evaluation
-from gqaprune.adapters import get_adapter
-from gqaprune.compensation import collect_stats
-from gqaprune.groups import parameter_counts
-from gqaprune.importance import score_groups
-from gqaprune.plan import PlanConfig
-from gqaprune.random_models import build_model
-from gqaprune.selection import (
+from gqaprune.config.sections import PlanConfig
+from gqaprune.data.windows import calibration_samples, calibration_starts, corpus_token_ids, heldout_windows
+from gqaprune.evaluation.perplexity import eval_windows, perplexity, spread_windows, window_nlls
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.random_models import build_model
+from gqaprune.pruning.allocation import (
     Candidate,
     dense_reference,
     heldout_criteria,
@@ -20,7 +19,9 @@ from gqaprune.selection import (
     select_allocation,
     sequential_pruner,
 )
-from gqaprune.similarity import block_similarity
+from gqaprune.pruning.compensation import collect_stats
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.similarity import block_similarity
 from helpers import small_tokenizer
 
 CAL = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(1))
@@ -43,7 +44,7 @@ def test_criteria_are_zero_for_the_dense_model_and_nll_matches_the_evaluation(se
     ref = dense_reference(dense, HELD)
     v = heldout_criteria(dense, ref)
     assert v["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert v["nll"] == pytest.approx(float(evaluation.window_nlls(dense, HELD).mean()), rel=1e-6)
+    assert v["nll"] == pytest.approx(float(window_nlls(dense, HELD).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("criterion", ["kl", "nll"])
@@ -81,38 +82,38 @@ def test_sequential_pruner_runs_in_selection(setup):
 
 
 def test_spread_windows_cover_the_split_and_all_windows_is_the_full_grid():
-    idx = evaluation.spread_windows(100, 8)
+    idx = spread_windows(100, 8)
     assert idx[0] == 0 and idx[-1] == 99 and len(set(idx.tolist())) == 8
     ids = torch.arange(1000)
-    w, n_full = evaluation.eval_windows(ids, 10, 80, spread=True)
+    w, n_full = eval_windows(ids, 10, 80, spread=True)
     assert n_full == 100 and w.shape == (8, 10) and w[-1, 0] == 990
-    first, _ = evaluation.eval_windows(ids, 10, 80, spread=False)
+    first, _ = eval_windows(ids, 10, 80, spread=False)
     assert first[-1, 0] == 70
-    full, _ = evaluation.eval_windows(ids, 10, None, spread=True)
+    full, _ = eval_windows(ids, 10, None, spread=True)
     assert full.shape == (100, 10)
 
 
 def test_perplexity_reports_window_nlls_and_their_standard_error(data_dir):
     tok = small_tokenizer()
     model = build_model("tiny-llama-gqa3", vocab_size=len(tok))
-    res = evaluation.perplexity(model, tok, "wikitext2", seq_len=32, max_tokens=32 * 12, data_dir=data_dir,
+    res = perplexity(model, tok, "wikitext2", seq_len=32, max_tokens=32 * 12, data_dir=data_dir,
                                 spread=True)
     assert res.spread and res.n_windows == 12 and len(res.window_nll) == 12
     x = torch.tensor(res.window_nll, dtype=torch.float64)
     assert res.log_ppl == pytest.approx(float(x.mean()), rel=1e-9)
     assert res.log_ppl_se == pytest.approx(float(x.std() / math.sqrt(12)), rel=1e-9)
-    first = evaluation.perplexity(model, tok, "wikitext2", seq_len=32, max_tokens=32 * 12, data_dir=data_dir)
+    first = perplexity(model, tok, "wikitext2", seq_len=32, max_tokens=32 * 12, data_dir=data_dir)
     assert first.window_nll[0] == pytest.approx(res.window_nll[0])  # both start at window 0
     assert first.window_nll[1:] != res.window_nll[1:]
 
 
 def test_heldout_windows_share_no_token_with_the_calibration_samples(data_dir):
     tok = small_tokenizer()
-    ids = data.corpus_token_ids(tok, "wikitext2", "validation", data_dir=data_dir)
-    cal_starts = data.calibration_starts(ids.numel(), 40, 64, 0)
-    held = data.heldout_windows(tok, "wikitext2", None, 30, 64, 40, 64, 0, data_dir=data_dir)
+    ids = corpus_token_ids(tok, "wikitext2", "validation", data_dir=data_dir)
+    cal_starts = calibration_starts(ids.numel(), 40, 64, 0)
+    held = heldout_windows(tok, "wikitext2", None, 30, 64, 40, 64, 0, data_dir=data_dir)
     assert held.shape == (30, 64)
-    cal = data.calibration_samples(tok, "wikitext2", None, 40, 64, 0, data_dir=data_dir)
+    cal = calibration_samples(tok, "wikitext2", None, 40, 64, 0, data_dir=data_dir)
     assert torch.equal(cal[0], ids[cal_starts[0]:cal_starts[0] + 64])
     used = torch.zeros(ids.numel(), dtype=torch.bool)
     for s in cal_starts.tolist():
@@ -122,4 +123,4 @@ def test_heldout_windows_share_no_token_with_the_calibration_samples(data_dir):
     assert len(set(rows)) == 30
     assert not any(used[r * 64:(r + 1) * 64].any() for r in rows)
     with pytest.raises(ValueError, match="evaluation split"):
-        data.heldout_windows(tok, "wikitext2", "test", 4, 64, 0, 64, 0, data_dir=data_dir)
+        heldout_windows(tok, "wikitext2", "test", 4, 64, 0, 64, 0, data_dir=data_dir)

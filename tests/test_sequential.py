@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from gqaprune.adapters import get_adapter
-from gqaprune.compensation import collect_stats, compensated_outputs
-from gqaprune.random_models import TINY_PRESETS, build_model
-from gqaprune.sequential import layer_inputs, sequential_prune
-from gqaprune.surgery import LayerKeep, prune_model
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.random_models import TINY_PRESETS, build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.compensation import collect_stats, compensated_outputs
+from gqaprune.pruning.sequential_refit import layer_inputs, sequential_prune
+from gqaprune.pruning.surgery import prune_model
 
 SAMPLES = torch.randint(0, 128, (40, 32), generator=torch.Generator().manual_seed(5))
 

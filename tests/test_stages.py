@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gqaprune.schema import ALLOCATION_CANDIDATES
-from gqaprune.stage import execute
+from gqaprune.config.choices import ALLOCATION_CANDIDATES
+from gqaprune.pipeline.runner import execute
 
 
 def run(stage: str, *overrides: str) -> int:

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from gqaprune.adapters import get_adapter
-from gqaprune.compensation import collect_stats
-from gqaprune.groups import parameter_counts
-from gqaprune.importance import score_groups
-from gqaprune.random_models import build_model
-from gqaprune.similarity import block_similarity
-from gqaprune.strategies import PEERS, STRATEGIES, VARIANTS, get_strategy, prune_copy
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.random_models import build_model
+from gqaprune.pruning.compensation import collect_stats
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.peer_methods import PEERS, STRATEGIES, VARIANTS, get_strategy, prune_copy
+from gqaprune.pruning.similarity import block_similarity
 
 SAMPLES = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(4))
 

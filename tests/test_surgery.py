@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gqaprune.adapters import get_adapter
-from gqaprune.groups import parameter_counts
-from gqaprune.hf_code.modeling_gqaprune import EmptyAttention, EmptyMLP
-from gqaprune.modelio import load_causal_lm
-from gqaprune.random_models import TINY_PRESETS, build_model
-from gqaprune.surgery import LayerKeep, prune_model, save_pruned
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.hf_code.modeling_gqaprune import EmptyAttention, EmptyMLP
+from gqaprune.models.loading import load_model
+from gqaprune.models.random_models import TINY_PRESETS, build_model
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -110,7 +111,7 @@ def test_save_reload_both_ways_and_generate(preset, tmp_path):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(remote).__name__.startswith("Pruned")
     assert torch.equal(logits(remote), expected)
-    own = load_causal_lm(out).eval()
+    own = load_model(out).eval()
     assert torch.equal(logits(own), expected)
     generated = remote.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
@@ -137,7 +138,7 @@ def test_uniform_pruning_gives_standard_config(tmp_path):
 
 def test_streamed_checkpoint_shards_reload_identically(tmp_path):
     """The streaming writer's sharded layout (index + shards) loads in transformers with equal logits."""
-    from gqaprune.checkpoint import INDEX, save_model
+    from gqaprune.models.checkpoint import INDEX, save_model
 
     model = build_model("tiny-qwen2-gqa7")
     prune_model(model, {0: LayerKeep(attn=[0], mlp=list(range(0, 72, 2)))})
@@ -147,25 +148,23 @@ def test_streamed_checkpoint_shards_reload_identically(tmp_path):
     assert len(shards) > 3 and (tmp_path / "sharded" / INDEX).is_file()
     for a in shards:  # equal content, equal bytes
         assert a.read_bytes() == (tmp_path / "again" / a.name).read_bytes()
-    reloaded = load_causal_lm(tmp_path / "sharded")
+    reloaded = load_model(tmp_path / "sharded")
     assert torch.equal(logits(reloaded), logits(model))
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_fast_loader_equals_from_pretrained(preset, tmp_path):
     """Meta build + safetensors read onto the device gives transformers' model, dense and pruned."""
-    from gqaprune.modelio import load_safetensors_model
-
     model = build_model(preset)
     model.save_pretrained(tmp_path / "dense")
-    fast = load_causal_lm(tmp_path / "dense")
+    fast = load_model(tmp_path / "dense")
     slow = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert torch.equal(logits(fast), logits(slow))
     assert fast.get_output_embeddings().weight.data_ptr() == fast.get_input_embeddings().weight.data_ptr() or (
         not model.config.tie_word_embeddings)
-    bf16 = load_safetensors_model(model.config, tmp_path / "dense", "bfloat16", torch.device("cpu"))
+    bf16 = load_model(tmp_path / "dense", "bfloat16", "cpu")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     prune_model(model, {0: LayerKeep(attn=[0], mlp=list(range(0, model.config.intermediate_size, 3))),
                         1: LayerKeep(attn=[], mlp=list(range(8)))})
     save_pruned(model, None, tmp_path / "pruned")
-    assert torch.equal(logits(load_causal_lm(tmp_path / "pruned")), logits(model))
+    assert torch.equal(logits(load_model(tmp_path / "pruned")), logits(model))

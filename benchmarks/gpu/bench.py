@@ -112,8 +112,8 @@ class PresetRun:
     bench: Bench
     name: str
     model: torch.nn.Module | None
-    geometry: object  # gqaprune.adapters.Geometry
-    counts: object  # gqaprune.schema.ParamCounts
+    geometry: object  # gqaprune.models.adapters.Geometry
+    counts: object  # gqaprune.config.choices.ParamCounts
     shapes: dict[str, tuple[int, int]]  # "short" / "long" -> (samples, sequence length)
     samples: dict[str, torch.Tensor]  # random token ids of those shapes
     sections: set[str]

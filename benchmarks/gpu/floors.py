@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gqaprune.torchutil import activation_checkpointing
+from gqaprune.models.modules import activation_checkpointing
 
 from .bench import Bench, PresetRun, median, parse_settings, random_ids, timed
 

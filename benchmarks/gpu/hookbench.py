@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from gqaprune import importance as imp
-from gqaprune.adapters import get_adapter
-from gqaprune.groups import layer_shapes
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import layer_shapes
+from gqaprune.pruning import importance as imp
 
 from .bench import Bench, PresetRun, median, timed
 

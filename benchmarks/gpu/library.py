@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from gqaprune import importance, similarity
+from gqaprune.pruning import importance, similarity
 
 from .bench import Bench, PresetRun, parse_settings
 

@@ -11,7 +11,10 @@ import math
 
 import torch
 
-from gqaprune import data, evaluation
+from gqaprune.config.corpora import get_corpus
+from gqaprune.data.sources import resolve_data_dir
+from gqaprune.data.windows import _TOKEN_CACHE, _tokenizer_key
+from gqaprune.evaluation.perplexity import perplexity
 
 from .bench import Bench, PresetRun, random_ids
 
@@ -47,17 +50,17 @@ def eval_library(bench: Bench, model, seq: int, batch: int, n_tokens: int) -> di
     """gqaprune.evaluation.perplexity on random ids injected into its per-process token cache."""
     tok = FakeTokenizer(model.config.vocab_size)
     dataset = "wikitext2"
-    split = data.EVALUATION_SPLIT[dataset]
-    root = data.resolve_data_dir(None)
-    key = (evaluation._tokenizer_key(tok), dataset, split, None if root is None else str(root))
+    split = get_corpus(dataset).evaluation_split
+    root = resolve_data_dir(None)
+    key = (_tokenizer_key(tok), dataset, split, None if root is None else str(root))
     g = torch.Generator().manual_seed(21)
-    evaluation._TOKEN_CACHE[key] = torch.randint(0, model.config.vocab_size, (n_tokens + seq,), generator=g)
+    _TOKEN_CACHE[key] = torch.randint(0, model.config.vocab_size, (n_tokens + seq,), generator=g)
     kwargs = dict(dataset=dataset, seq_len=seq, batch_size=batch, max_tokens=n_tokens)
     try:
-        evaluation.perplexity(model, tok, **{**kwargs, "max_tokens": seq * batch})  # warm-up
-        res, wall = bench.timed_call(lambda: evaluation.perplexity(model, tok, **kwargs))
+        perplexity(model, tok, **{**kwargs, "max_tokens": seq * batch})  # warm-up
+        res, wall = bench.timed_call(lambda: perplexity(model, tok, **kwargs))
     finally:
-        evaluation._TOKEN_CACHE.pop(key, None)
+        _TOKEN_CACHE.pop(key, None)
     return _eval_result(bench, seq, batch, res.n_tokens, wall, res.ppl)
 
 

@@ -6,9 +6,9 @@ import time
 
 import torch
 
-from gqaprune.adapters import get_adapter
-from gqaprune.groups import parameter_counts
-from gqaprune.random_models import build_model
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.random_models import build_model
 
 from . import pruning, speed
 from .bench import Bench, PresetRun, parse_shape, random_ids

@@ -8,12 +8,14 @@ import shutil
 import time
 from pathlib import Path
 
-from gqaprune import importance, similarity
-from gqaprune.adapters import get_adapter
-from gqaprune.groups import count_parameters, layer_shapes
-from gqaprune.plan import PlanConfig, build_plan
-from gqaprune.schema import LayerKeep
-from gqaprune.surgery import prune_model, save_pruned
+from gqaprune.config.sections import PlanConfig
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import count_parameters, layer_shapes
+from gqaprune.models.units import LayerKeep
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.plan import build_plan
+from gqaprune.pruning.similarity import block_similarity
+from gqaprune.pruning.surgery import prune_model, save_pruned
 
 from .bench import GIB, PresetRun
 
@@ -29,11 +31,11 @@ def plan_inputs(run: PresetRun):
     """The kept taylor scores and similarity table, or stand-ins (magnitude scores, similarity of 8 samples)."""
     scores = run.kept.get("taylor")
     if scores is None:  # synthetic scores: magnitude (no data needed)
-        scores = importance.score_groups(run.model, run.samples["short"][:1, :8], metrics=["magnitude"], progress=False)
+        scores = score_groups(run.model, run.samples["short"][:1, :8], metrics=["magnitude"], progress=False)
         scores = scores.rename(columns={"magnitude": "taylor"})
     sim = run.kept.get("similarity")
     if sim is None:
-        sim = similarity.block_similarity(run.model, run.samples["short"][: min(8, run.shapes["short"][0])],
+        sim = block_similarity(run.model, run.samples["short"][: min(8, run.shapes["short"][0])],
                                           progress=False)
     return scores, sim
 

@@ -2,7 +2,7 @@
 
 Every stage command reads its section of params.yaml; ``--set section.key=value`` overrides a value
 for this run only (the same syntax as ``dvc exp run -S``). The DVC stages in ``stages/`` run the same
-code (:mod:`gqaprune.stage`). Errors are one line on stderr and a non-zero exit code; ``--debug`` (or
+code (:mod:`gqaprune.pipeline.runner`). Errors are one line on stderr and a non-zero exit code; ``--debug`` (or
 ``GQAPRUNE_DEBUG=1``) adds the traceback.
 """
 
@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from .recipes import STAGES
-from .stage import debugging, execute, help_text, report_error
+from gqaprune.pipeline.runner import debugging, execute, help_text, report_error
+from gqaprune.pipeline.stages import STAGES
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -55,10 +55,10 @@ def ppl(
     import json
 
     try:
-        from .evaluation import perplexity
-        from .modelio import load_model
+        from gqaprune.evaluation.perplexity import perplexity
+        from gqaprune.models.loading import load_model, load_tokenizer
 
-        m, tokenizer = load_model(model, dtype=dtype, device=device)
+        m, tokenizer = load_model(model, dtype, device), load_tokenizer(model)
         out = {}
         for name in datasets or ["wikitext2"]:
             r = perplexity(m, tokenizer, dataset=name, seq_len=seq_len, batch_size=batch_size,
@@ -86,7 +86,8 @@ def export_gguf_command(
     import json
 
     try:
-        from .gguf_export import export_gguf, llama_cpp_module, quantize_gguf
+        from gqaprune.export.gguf import export_gguf
+        from gqaprune.export.llama_cpp import llama_cpp_module, quantize_gguf
 
         if quantize:
             llama_cpp_module()

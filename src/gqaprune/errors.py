@@ -17,3 +17,11 @@ class InputError(GqapruneError, ValueError):
 
 class NonFiniteError(GqapruneError, FloatingPointError):
     """A weight, activation or score is NaN or infinite; the message names the tensor and layer."""
+
+
+class UnsupportedExportError(GqapruneError, ValueError):
+    """The checkpoint (or its tokenizer) uses something the GGUF export cannot express; the message says what."""
+
+
+class UnsupportedModelError(GqapruneError, ValueError):
+    """The model's family or geometry cannot be pruned by this toolkit."""

