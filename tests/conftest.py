@@ -50,14 +50,18 @@ def template(tmp_path_factory, data_dir) -> Path:
     return base
 
 
-@pytest.fixture
-def project(template, tmp_path, monkeypatch) -> Path:
-    """A private copy of the template project, as the working folder."""
-    shutil.copytree(template, tmp_path / "t", symlinks=True)
-    root = tmp_path / "t" / "project"
+def _copy_project(base: Path, dest: Path) -> Path:
+    """Copy a project base (``project/`` beside ``tiny-model/``) to ``dest``; params point at the copy's model."""
+    shutil.copytree(base, dest, symlinks=True)
+    root = dest / "project"
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["prepare"]["model"] = str(tmp_path / "t" / "tiny-model")
+    params["prepare"]["model"] = str(dest / "tiny-model")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def _isolated(monkeypatch, root: Path) -> None:
+    """Work in ``root``, offline, with no data-folder or debug override from the environment."""
     monkeypatch.chdir(root)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("GQAPRUNE_DATA_DIR", raising=False)
@@ -65,5 +69,39 @@ def project(template, tmp_path, monkeypatch) -> Path:
     from gqaprune.runtime.hub import hub_reachable
 
     hub_reachable.cache_clear()
+
+
+def _workspace(base: Path, dest: Path, monkeypatch):
+    """A private copy of a project base as the working folder, for the duration of a test."""
+    root = _copy_project(base, dest)
+    _isolated(monkeypatch, root)
     yield root
+    from gqaprune.runtime.hub import hub_reachable
+
     hub_reachable.cache_clear()
+
+
+@pytest.fixture
+def project(template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the template project, as the working folder."""
+    yield from _workspace(template, tmp_path / "t", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def evaluated_template(template, tmp_path_factory) -> Path:
+    """The template project after plan, surgery, finetune (LoRA, merged), evaluate_dense and evaluate."""
+    from gqaprune.pipeline.runner import execute
+
+    base = tmp_path_factory.mktemp("evaluated") / "t"
+    root = _copy_project(template, base)
+    with pytest.MonkeyPatch.context() as mp:
+        _isolated(mp, root)
+        for stage in ("plan", "surgery", "finetune", "evaluate_dense", "evaluate"):
+            assert execute(stage, None, Path("params.yaml"), [], False) == 0, stage
+    return base
+
+
+@pytest.fixture
+def evaluated(evaluated_template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the evaluated project, as the working folder."""
+    yield from _workspace(evaluated_template, tmp_path / "t", monkeypatch)

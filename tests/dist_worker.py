@@ -53,7 +53,7 @@ def keep_for(config, uniform: bool = False):
 
 def finetune_config():
     """Tiny LoRA settings: 3 examples a micro-batch (2 + 1 over two ranks), dropout 0 for exact equality."""
-    from gqaprune.config.sections import FinetuneConfig
+    from gqaprune.config.recovery_and_evaluation import FinetuneConfig
 
     return FinetuneConfig(dropout=0.0, lr=1e-2, max_length=96, batch_size=3, grad_accum=2, max_steps=3, epochs=3.0,
                           warmup_steps=1, n_records=8)
@@ -85,7 +85,7 @@ def computations(ctx, out: Path, tokenizer, data_dir, preset: str, source: Path,
     from gqaprune.pruning.similarity import block_similarity
     from gqaprune.pruning.surgery import pruned_layout, save_pruned
     from gqaprune.recovery.lora import finetune_lora, save_adapter
-    from gqaprune.runtime.placement import DTensor
+    from gqaprune.runtime.placement import is_dtensor
 
     tag = f"{preset}-{placement}"
     dense = load_model(source, "float32", "cpu", ctx, placement)
@@ -94,11 +94,11 @@ def computations(ctx, out: Path, tokenizer, data_dir, preset: str, source: Path,
     layers = dense.model.layers
     seen = []  # during the last layer's forward: is layer 0 sharded again already?
     hook = layers[-1].register_forward_hook(
-        lambda m, a, o: seen.append(isinstance(layers[0].mlp.gate_proj.weight, DTensor)))
+        lambda m, a, o: seen.append(is_dtensor(layers[0].mlp.gate_proj.weight)))
     r["scores"] = score_groups(dense, ids, gradient_batch_size=GRAD_BATCH, progress=False, ctx=ctx)
     hook.remove()
     r["resharded_after_forward"] = bool(seen) and all(seen)
-    r["all_sharded_after"] = all(isinstance(p, DTensor) for p in dense.parameters())
+    r["all_sharded_after"] = all(is_dtensor(p) for p in dense.parameters())
     r["no_grad_after"] = all(p.grad is None for p in dense.parameters())
     if preset == CKPT_PRESET:
         r["scores_checkpointing"] = score_groups(dense, ids, gradient_batch_size=GRAD_BATCH,

@@ -126,7 +126,8 @@ def test_alpaca(data_dir):
 
 def test_split_roles_never_overlap():
     roles = {name: (c.calibration_split, c.evaluation_split) for name, c in CORPORA.items() if not c.instructions}
-    assert roles == {"wikitext2": ("validation", "test"), "ptb": ("train", "test"), "c4": ("calibration", "validation")}
+    assert roles == {"wikitext2": ("validation", "test"), "ptb": ("train", "test"), "c4": ("calibration", "validation"),
+                     "code": ("calibration", "validation")}
     for calibration, evaluation in roles.values():
         assert calibration != evaluation
 
@@ -167,8 +168,31 @@ def test_calibration_refusals(tokenizer, data_dir):
         calibration_samples(tokenizer, "wikitext2", None, 0, 32, seed=0, data_dir=data_dir)
     with pytest.raises(ValueError, match="seq_len"):
         calibration_samples(tokenizer, "wikitext2", None, 4, -1, seed=0, data_dir=data_dir)
-    with pytest.raises(ValueError, match="cannot calibrate"):
-        calibration_samples(tokenizer, "alpaca", None, 4, 32, seed=0, data_dir=data_dir)
+
+
+def test_instruction_calibration_text_never_holds_the_heldout_records(data_dir):
+    """alpaca calibrates on its training records rendered as the model sees them; the records the evaluate
+    stages score are never in that text."""
+    from gqaprune.data.instructions import instruction_records, instruction_text
+    from gqaprune.data.windows import mix_counts, mixed_calibration_samples
+
+    tok = small_tokenizer()
+    held = instruction_records("alpaca", "heldout", data_dir)
+    train = instruction_records("alpaca", "train", data_dir)
+    assert len(held) == 100 and len(train) + len(held) <= 1199 and not {r["output"] for r in held} & {
+        r["output"] for r in train}
+    text, templated = instruction_text(tok, train)
+    assert not templated and "### Response:" in text  # no chat template: the Alpaca format
+    assert not any(r["output"] in text for r in held if len(r["output"]) > 40)
+    ids = corpus_token_ids(tok, "alpaca", "train", data_dir=data_dir)
+    samples = calibration_samples(tok, "alpaca", None, 4, 32, seed=0, data_dir=data_dir)
+    assert samples.shape == (4, 32) and int(samples.max()) < len(tok) and ids.numel() > 10_000
+    assert mix_counts({"wikitext2": 0.5, "alpaca": 0.25, "code": 0.25}, 10) == {"wikitext2": 5, "alpaca": 3,
+                                                                                "code": 2}
+    assert mix_counts({"wikitext2": 10, "alpaca": 0.01}, 4) == {"wikitext2": 3, "alpaca": 1}
+    mixed, counts = mixed_calibration_samples(tok, {"wikitext2": 1, "alpaca": 1}, 6, 32, 0, data_dir)
+    assert mixed.shape == (6, 32) and counts == {"wikitext2": 3, "alpaca": 3}
+    assert torch.equal(mixed[3:], calibration_samples(tok, "alpaca", None, 3, 32, seed=0, data_dir=data_dir))
 
 
 def test_calibration_text_too_short(tokenizer, tmp_path):

@@ -347,13 +347,17 @@ def test_lora_loss_curve_equals_one_process(two_ranks, reference, models, preset
     assert len(got) == len(want) == W.finetune_config().max_steps
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     tag = f"{preset}-{placement}"
+    # The ranks add their gradients in another order than one process (float32); AdamW divides each update by
+    # the gradient's running RMS, which magnifies that noise on elements whose gradient is near zero: measured
+    # 4.2e-4 of a tensor's largest value on the LoRA matrices after 3 steps at lr 1e-2, 3.2e-5 on the merged
+    # weights (base + B A alpha / r). A wrong split of the examples moves them by the lr itself (1e-2).
     _same_checkpoint(models / "ranks" / "merged" / tag, models / "single" / "merged" / f"{preset}-replicate",
-                     rtol=1e-5)
+                     rtol=1e-4)
     a = _tensors(models / "ranks" / "adapter" / tag)
     b = _tensors(models / "single" / "adapter" / f"{preset}-replicate")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=2e-3 * float(b[name].abs().max()), msg=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +390,7 @@ def test_stages_on_two_processes_write_the_one_process_artifacts(project):
     assert "params:" in (project / "artifacts/logs/score.rank1.log").read_text()
     assert not list(project.rglob("*.staged*")) and not list(project.rglob("*.error.json"))
 
+    assert execute("allocate", None, Path("params.yaml"), [], False) == 0  # on the scores it plans with
     assert execute("plan", None, Path("params.yaml"), [], False) == 0
     assert execute("surgery", None, Path("params.yaml"), [], False) == 0
     shutil.copytree(project / "artifacts/pruned", project / "one-pruned")

@@ -1,4 +1,4 @@
-"""Tests for gqaprune.recovery.lora: Alpaca encoding, LoRA recovery on tiny (pruned) random models, merge/save."""
+"""Tests for gqaprune.recovery.lora: the records' encoding, LoRA recovery on tiny (pruned) random models, merge/save."""
 
 import copy
 import dataclasses
@@ -8,7 +8,9 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerFast
 
+from gqaprune.data.instructions import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt
 from gqaprune.data.sources import load_instructions
+from gqaprune.evaluation.instructions import instruction_nll
 from gqaprune.models.hf_code.modeling_gqaprune import EmptyAttention
 from gqaprune.models.loading import load_model
 from gqaprune.models.random_models import build_model
@@ -16,14 +18,10 @@ from gqaprune.models.units import LayerKeep
 from gqaprune.pruning.surgery import prune_model, save_pruned
 from gqaprune.recovery.lora import (
     IGNORE_INDEX,
-    PROMPT_NO_INPUT,
-    PROMPT_WITH_INPUT,
     FinetuneConfig,
     collate,
-    encode_record,
+    encode_example,
     finetune_lora,
-    format_prompt,
-    instruction_loss,
     merge_adapter,
     save_adapter,
 )
@@ -105,7 +103,7 @@ def test_labels_mask_the_prompt(tokenizer):
     prompt_ids = tokenizer(prompt)["input_ids"]
     assert prompt_ids[0] == tokenizer.bos_token_id
 
-    enc = encode_record(tokenizer, record, max_length=256)
+    enc = encode_example(tokenizer, record, max_length=256)
     ids, labels = enc["input_ids"], enc["labels"]
     assert len(ids) == len(labels) == len(prompt_ids) + len(response_ids) + 1
     supervised = [lab for lab in labels if lab != IGNORE_INDEX]
@@ -115,14 +113,14 @@ def test_labels_mask_the_prompt(tokenizer):
     assert ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[: len(prompt_ids)], skip_special_tokens=True) == prompt
 
-    # with an input: the other template; truncation keeps the first max_length tokens
+    # with an input: the other template; a short answer is kept whole and the prompt cut from the left
     with_input = dict(record, input="Answer briefly.")
     assert format_prompt(with_input).endswith("### Input:\nAnswer briefly.\n\n### Response:\n")
     assert format_prompt(with_input).startswith(
         "Below is an instruction that describes a task, paired with an input that provides further context. ")
-    full = encode_record(tokenizer, with_input, max_length=10_000)
-    cut = encode_record(tokenizer, with_input, max_length=len(full["input_ids"]) - 3)
-    assert cut["input_ids"] == full["input_ids"][:-3] and cut["labels"] == full["labels"][:-3]
+    full = encode_example(tokenizer, with_input, max_length=10_000)
+    cut = encode_example(tokenizer, with_input, max_length=len(full["input_ids"]) - 3)
+    assert cut["input_ids"] == full["input_ids"][3:] and cut["labels"] == full["labels"][3:]
 
 
 def test_collate_pads_right():
@@ -142,12 +140,12 @@ def test_training_lowers_loss_and_only_trains_lora(tokenizer, records):
     # initializer_range 0.1: with HF's 0.02 the frozen lm_head is too small for LoRA to move logits far
     model = build_model("tiny-llama-gqa4", vocab_size=len(tokenizer), initializer_range=0.1)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    before = instruction_loss(model, tokenizer, records, max_length=128)
+    before = instruction_nll(model, tokenizer, records, max_length=128)["nll"]
 
     logged = []
     config = FinetuneConfig(**dict(FAST, epochs=100), max_steps=30, warmup_steps=3)
     peft_model = finetune_lora(model, tokenizer, records, config, log=lambda *a: logged.append(a))
-    after = instruction_loss(peft_model, tokenizer, records, max_length=128)
+    after = instruction_nll(peft_model, tokenizer, records, max_length=128)["nll"]
     assert after < before - 1.0, (before, after)  # about 6.4 -> 3.6
     assert not peft_model.training
 
@@ -260,4 +258,4 @@ def test_defaults_are_valid_and_finetune_validates(tokenizer, records):
     with pytest.raises(ValueError, match=r"finetune\.target_modules"):
         finetune_lora(model, tokenizer, records, FinetuneConfig(target_modules=("nope_proj",)))
     with pytest.raises(ValueError, match=r"finetune\.max_length"):
-        finetune_lora(model, tokenizer, records, FinetuneConfig(max_length=4))  # prompts fill max_length
+        finetune_lora(model, tokenizer, records, FinetuneConfig(max_length=1))  # no room for an answer token

@@ -3,8 +3,10 @@
 A throw-away git + DVC repository gets the project's dvc.yaml, stages/ and src/ (dvc.yaml lists library
 files as dependencies) and a params.yaml for a tiny random LLaMA (GQA 4:1) with its own tiny byte-level
 BPE tokenizer. Every stage is a separate `python stages/<name>.py` process (about 6 s of imports each), so
-the test runs the fewest stages that still cover: a full repro (9 stages), a no-op repro, a finetune
-param change (2 stages) and a plan.ratio change made as an experiment (4 stages).
+the test runs the fewest stages that still cover: a full repro, a no-op repro, a stage killed under
+`dvc repro` and restored by `dvc checkout`, a finetune param change and a plan.ratio change made as an
+experiment. The `source` stage (always changed: it looks at the model folder outside the project) runs at
+every repro and leaves the rest up to date.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +30,7 @@ from helpers import tiny_project
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"prepare", "calibrate", "score", "similarity", "allocate", "plan", "surgery", "finetune",
+ALL_STAGES = {"source", "prepare", "calibrate", "score", "similarity", "allocate", "plan", "surgery", "finetune",
               "evaluate_dense", "evaluate", "export"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
@@ -69,8 +73,32 @@ class Repo:
 
 
 def changed_stages(status: str) -> set[str]:
-    """Stage names that `dvc status` lists as changed (lines 'name:' at the start of a line)."""
-    return {line[:-1] for line in status.splitlines() if line.endswith(":") and not line.startswith((" ", "\t"))}
+    """Stage names that `dvc status` lists as changed (lines 'name:' at the start of a line), leaving out the
+    `source` stage, which DVC always lists (always_changed)."""
+    return {line[:-1] for line in status.splitlines()
+            if line.endswith(":") and not line.startswith((" ", "\t"))} - {"source"}
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or the file itself) with its content."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _process_running(command: str, group: int) -> int | None:
+    """The pid of a process of process group ``group`` whose command line holds ``command``, if one runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == group and command in cmdline:  # field 5: the group
+            return int(entry.name)
+    return None
 
 
 def changed_stages_of(module: str, root: Path) -> set[str]:
@@ -131,7 +159,8 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
                 "artifacts/finetune/merged/model.safetensors", "metrics/dense.json",
                 "plots/layer_importance.png", "plots/kept_fraction.png", "plots/finetune_loss.png",
                 "artifacts/export/model-f16.gguf", "artifacts/export/model-Q8_0.gguf", "artifacts/export/README.md",
-                "artifacts/pruned/README.md", "artifacts/finetune/merged/README.md"]:
+                "artifacts/pruned/README.md", "artifacts/finetune/merged/README.md", "artifacts/source.json",
+                "artifacts/evaluation/results.json"]:
         assert (root / rel).is_file(), rel
     for png in root.glob("plots/*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
@@ -151,9 +180,9 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "baseline results")
 
-    # 2. nothing changed: nothing runs
-    assert "up to date" in repo.dvc_("status")
-    assert repo.ran("repro") == set()
+    # 2. nothing changed: nothing runs but `source`, which finds the model folder unchanged
+    assert changed_stages(repo.dvc_("status")) == set()
+    assert repo.ran("repro") == {"source"}
 
     # 2b. editing a library module marks exactly the stages whose code imports it as changed
     # (the runner and the launcher are no stage's dependency: editing them leaves every result valid)
@@ -162,7 +191,7 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
         path = root / module
         original = path.read_text()
         path.write_text(original + "\n# an edit\n")
-        importers = {name for name in ALL_STAGES if module in stage_code_deps(root, name)}
+        importers = {name for name in ALL_STAGES if module in stage_code_deps(root, name)} - {"source"}
         assert changed_stages(repo.dvc_("status")) == importers, module
         path.write_text(original)
     assert changed_stages(repo.dvc_("status")) == set()
@@ -170,7 +199,23 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
 
     # 2c. re-running score on the same inputs writes the same bytes: plan and the rest stay up to date
     assert repo.ran("repro", "-f", "-s", "score") == {"score"}
-    assert repo.ran("repro") == set()
+    assert repo.ran("repro") == {"source"}
+
+    # 2d. a stage killed under `dvc repro` (DVC removed its outputs first; SIGKILL, as the kernel's OOM killer
+    # ends a process): `dvc repro` fails, dvc.lock keeps the last success, `dvc checkout` restores every output
+    kept = {p: tree_bytes(root / p) for p in ("artifacts/plan", "metrics/plan.json", "plots/kept_fraction.csv")}
+    proc = subprocess.Popen([*repo.dvc, "repro", "-f", "-s", "plan"], cwd=root, env=repo.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (stage := _process_running("stages/plan.py", proc.pid)) or (root / "artifacts/plan").exists():
+        assert proc.poll() is None and time.time() < deadline, "dvc repro ended before its outputs were removed"
+        time.sleep(0.02)
+    os.kill(stage, signal.SIGKILL)
+    assert proc.wait(60) != 0  # DVC reports the failed stage
+    assert not (root / "artifacts/plan").exists()
+    repo.dvc_("checkout", "plan")
+    assert {p: tree_bytes(root / p) for p in kept} == kept  # every output back, metrics and plots included
+    assert changed_stages(repo.dvc_("status")) == set()
 
     # 3. a finetune param re-runs finetune, evaluate and export only (dense ppl comes from metrics/dense.json)
     params = repo.params()
@@ -178,19 +223,28 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     repo.write_params(params)
     status = repo.dvc_("status")
     assert "finetune:" in status and "plan:" not in status, status
-    assert repo.ran("repro") == {"finetune", "evaluate", "export"}
+    assert repo.ran("repro") == {"source", "finetune", "evaluate", "export"}
     tuned = json.loads((root / "metrics/evaluate.json").read_text())
     assert tuned["ppl"]["dense"] == metrics["ppl"]["dense"]
     assert tuned["ppl"]["pruned"] == metrics["ppl"]["pruned"]
-    assert "up to date" in repo.dvc_("status")
+    assert changed_stages(repo.dvc_("status")) == set()
     repo.git("add", "-A")
     repo.git("commit", "-q", "-m", "finetune lr 5e-3")
+
+    # 3b. the model folder is outside the project: the `source` stage's content digest makes DVC see an edit
+    notes = Path(repo.params()["prepare"]["model"]) / "notes.txt"
+    notes.write_text("an edit of the source model folder\n")
+    assert repo.ran("repro", "-s", "source") == {"source"}
+    assert "prepare" in changed_stages(repo.dvc_("status"))
+    notes.unlink()
+    assert repo.ran("repro", "-s", "source") == {"source"}
+    assert changed_stages(repo.dvc_("status")) == set()
     baseline = json.loads((root / "metrics/evaluate.json").read_text())
 
     # 4. plan.ratio, changed as an experiment: allocate, plan, surgery, finetune, evaluate, export re-run (not
     # prepare, calibrate, score, similarity or evaluate_dense)
-    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"allocate", "plan", "surgery", "finetune", "evaluate",
-                                                              "export"}
+    assert repo.ran("exp", "run", "-S", "plan.ratio=0.3") == {"source", "allocate", "plan", "surgery", "finetune",
+                                                              "evaluate", "export"}
     experiment = json.loads((root / "metrics/evaluate.json").read_text())
     assert experiment["params_after"] < baseline["params_after"]
     assert experiment["ppl"]["dense"] == baseline["ppl"]["dense"]

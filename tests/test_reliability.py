@@ -23,32 +23,12 @@ from gqaprune.errors import NonFiniteError
 from gqaprune.models.fingerprint import fingerprint, fingerprint_files
 from gqaprune.models.random_models import build_model
 from gqaprune.pipeline.artifacts import read_table, stage_outputs, write_table
-from gqaprune.pipeline.runner import execute
 from gqaprune.runtime.files import atomic_dir, write_json
+from helpers import error_line, run, tree_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(stage: str, capsys, *overrides: str) -> tuple[int, str]:
-    """Run a stage in-process; returns (exit code, stderr)."""
-    capsys.readouterr()
-    code = execute(stage, None, Path("params.yaml"), list(overrides), False)
-    return code, capsys.readouterr().err
-
-
-def error_line(stderr: str) -> str:
-    """The stage's error output: exactly one line starting with 'error:' and no traceback."""
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
-
-
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` (or the file itself) with its content."""
-    if path.is_file():
-        return {path.name: path.read_bytes()}
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 # --- bad inputs: one line naming the key or file, exit code 1, before heavy work -----------------------
@@ -188,8 +168,14 @@ def test_plan_refuses_scores_of_another_model(project, capsys):
     scores, meta = read_table(project / "artifacts/scores/importance.parquet")
     write_table(project / "artifacts/scores/importance.parquet", scores, {**meta, "fingerprint": "feedfacefeedface"})
     code, err = run("plan", capsys)
-    assert code == 1 and "computed on model 'feedfacefeedface'" in error_line(err)
+    line = error_line(err)  # the allocation was chosen on other scores, and the scores are of another model
+    assert code == 1 and ("computed on model 'feedfacefeedface'" in line or "made from the scores" in line), line
     assert not (project / "artifacts/plan").exists()  # refused before writing anything
+    allocation = json.loads((project / "artifacts/allocate/allocation.json").read_text())
+    allocation.pop("inputs")  # an allocation that records no scores id: the scores' own check answers
+    (project / "artifacts/allocate/allocation.json").write_text(json.dumps(allocation))
+    code, err = run("plan", capsys)
+    assert code == 1 and "computed on model 'feedfacefeedface'" in error_line(err)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -124,3 +124,44 @@ def test_heldout_windows_share_no_token_with_the_calibration_samples(data_dir):
     assert not any(used[r * 64:(r + 1) * 64].any() for r in rows)
     with pytest.raises(ValueError, match="evaluation split"):
         heldout_windows(tok, "wikitext2", "test", 4, 64, 0, 64, 0, data_dir=data_dir)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "bias", "none"])
+def test_layerwise_candidates_equal_pruned_copies(setup, method):
+    """The allocate stage's shared layer-by-layer passes give each candidate the KL and NLL of pruning a copy of
+    the model with the same refits (float64 statistics there, float32 products here: close, not equal)."""
+    dense, scores, sim, counts, n_layers, stats = setup
+    cands = [Candidate("T0", dict(temperature=0.0)), Candidate("T1-tauinf", dict(temperature=1.0, tau=float("inf"))),
+             Candidate("uniform", dict(strategy="uniform", temperature=0.0))]
+    base = PlanConfig(ratio=0.3, temperature=0.0)
+    fast = select_allocation(dense, scores, sim, counts, n_layers, base, HELD, None, cands, calibration=CAL,
+                             method=method, halving=False).table.set_index("candidate")
+    slow = select_allocation(dense, scores, sim, counts, n_layers, base, HELD,
+                             oneshot_pruner(stats, method), cands).table.set_index("candidate")
+    for name in fast.index:
+        for key in ("kl", "nll"):
+            assert fast.loc[name, key] == pytest.approx(slow.loc[name, key], rel=2e-4, abs=1e-6), (name, key)
+    assert (fast["chosen"] == slow["chosen"]).all()
+    assert set(fast["windows"]) == {HELD.shape[0]}
+
+
+def test_halving_drops_only_clearly_worse_candidates(setup):
+    """A candidate far worse than the best on the first third of the windows is not measured further; candidates
+    that are not clearly worse are measured on every window; the choice is the one made without halving."""
+    dense, scores, sim, counts, n_layers, _ = setup
+    held = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(3))
+    cands = [Candidate("T0", dict(temperature=0.0)), Candidate("T0-again", dict(temperature=0.0)),
+             Candidate("magnitude-uniform", dict(importance="magnitude", strategy="uniform", temperature=0.0))]
+    base = PlanConfig(ratio=0.5, temperature=0.0)
+    full = select_allocation(dense, scores, sim, counts, n_layers, base, held, None, cands, calibration=CAL,
+                             halving=False).table.set_index("candidate")
+    halved = select_allocation(dense, scores, sim, counts, n_layers, base, held, None, cands, calibration=CAL,
+                               window_groups=["a"] * 6 + ["b"] * 6).table.set_index("candidate")
+    chosen = halved.index[halved["chosen"]][0]
+    assert chosen == full.index[full["chosen"]][0] == "T0"
+    for name in ("T0", "T0-again"):  # equal: neither is clearly worse, both measured everywhere
+        assert halved.loc[name, "windows"] == 12 and not halved.loc[name, "dropped_early"]
+        assert halved.loc[name, "kl"] == pytest.approx(full.loc[name, "kl"], rel=1e-6)
+    assert halved.loc["magnitude-uniform", "dropped_early"] and halved.loc["magnitude-uniform", "windows"] == 4
+    assert halved.loc["magnitude-uniform", "kl"] > halved.loc["T0", "kl"]
+    assert {"a_kl", "b_kl"} <= set(halved.columns)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from gqaprune.config.choices import ALLOCATION_CANDIDATES
+from gqaprune.config.loading import coerce_fields
+from gqaprune.config.sections import PlanConfig
 from gqaprune.pipeline.runner import execute
 
 
@@ -19,7 +21,8 @@ def test_allocate_chooses_and_plan_applies_it(project):
     values = {row["candidate"]: row["kl"] for row in allocation["candidates"]}
     assert set(values) == {"T0", "T1-tauinf", "uniform"}  # tiny_params' candidates
     assert allocation["chosen"] == min(values, key=values.get)  # the lowest held-out KL wins
-    assert allocation["plan"] == ALLOCATION_CANDIDATES[allocation["chosen"]]
+    overrides = allocation.get("overrides", allocation["plan"])  # infinity is spelled ".inf" in JSON
+    assert coerce_fields(PlanConfig, overrides, "allocation") == ALLOCATION_CANDIDATES[allocation["chosen"]]
     assert run("plan") == 0
     plan = json.loads((project / "artifacts/plan/plan.json").read_text())
     assert plan["allocation"] == allocation["chosen"]
@@ -41,9 +44,13 @@ def test_distill_and_sequential_through_the_stages(project):
     card = (project / "artifacts/pruned/README.md").read_text()
     assert '  compensation: "sequential"' in card  # the front matter records how the outputs were refitted
     assert run("finetune", "finetune.method=distill", "finetune.max_steps=2",
-               "finetune.distill_corpora=[wikitext2]") == 0  # a corpus of the project's snapshot
+               "finetune.mix={wikitext2: 1}") == 0  # a corpus of the project's snapshot
     status = json.loads((project / "artifacts/finetune/status.json").read_text())
-    assert status == {"enabled": True, "method": "distill", "steps": 2}
+    assert {k: status[k] for k in ("enabled", "method", "steps")} == {"enabled": True, "method": "distill", "steps": 2}
+    pruned = json.loads((project / "artifacts/pruned/gqaprune_model.json").read_text())
+    assert status["inputs"] == {"pruned": pruned["fingerprint"]}  # what it was trained from
+    merged = json.loads((project / "artifacts/finetune/merged/gqaprune_model.json").read_text())
+    assert status["merged"] == merged["fingerprint"] != pruned["fingerprint"]
     assert (project / "artifacts/finetune/merged/model.safetensors").is_file()
     assert not (project / "artifacts/finetune/adapter").exists()
 

@@ -46,9 +46,12 @@ def ppl(
     seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 128,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on evaluated tokens per dataset (default: all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    data_dir: Annotated[str | None, typer.Option(help="Local corpora mirror (default: $GQAPRUNE_DATA_DIR).")] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Local corpora mirror (default: $GQAPRUNE_DATA_DIR, else params.yaml's data.data_dir, relative to "
+             "params.yaml, as the stages read it).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    params: ParamsOption = Path("params.yaml"),
     debug: DebugOption = False,
 ) -> None:
     """Perplexity of a model on the named corpora (LLM-Pruner protocol), printed as JSON."""
@@ -58,6 +61,7 @@ def ppl(
         from gqaprune.evaluation.perplexity import perplexity
         from gqaprune.models.loading import load_model, load_tokenizer
 
+        data_dir = _ppl_data_dir(data_dir, params)
         m, tokenizer = load_model(model, dtype, device), load_tokenizer(model)
         out = {}
         for name in datasets or ["wikitext2"]:
@@ -68,6 +72,20 @@ def ppl(
     except Exception as exc:  # noqa: BLE001 - one line, as for the stages
         raise typer.Exit(report_error(exc, None, debugging(debug))) from None
     typer.echo(json.dumps(out, indent=2))
+
+
+def _ppl_data_dir(data_dir: str | None, params: Path) -> str | None:
+    """The mirror ``gqaprune ppl`` reads: ``--data-dir``, else $GQAPRUNE_DATA_DIR, else the params file's
+    ``data.data_dir`` resolved against the params file (as the stages resolve it); None: the hub."""
+    import os
+
+    from gqaprune.data.sources import DATA_DIR_ENV
+
+    if data_dir is not None or os.environ.get(DATA_DIR_ENV) or not params.is_file():
+        return data_dir
+    from gqaprune.config.loading import load_params, with_data_dir_resolved
+
+    return with_data_dir_resolved(load_params(params), params).data.data_dir
 
 
 @app.command("export-gguf")

@@ -52,3 +52,8 @@ GGUF_DTYPES = ("f32", "f16", "bf16")
 #: llama.cpp quantisation types offered by the export (name -> llama_ftype value)
 GGUF_QUANT_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "F16": 1, "BF16": 32}
 EXPORT_SOURCES = ("auto", "finetuned", "pruned")
+
+#: what ``calibrate.mix: auto`` (and ``finetune.mix: auto``) means: the model's own uses. A model with a chat
+#: template gets its instruction records (rendered through the template) beside plain text; one without, text.
+AUTO_MIX_CHAT = {"wikitext2": 0.5, "alpaca": 0.5}
+AUTO_MIX_PLAIN = {"wikitext2": 1.0}

@@ -44,7 +44,8 @@ class Corpus:
     file into a calibration half and an evaluation half (the first ``halves`` documents, split at the
     middle).
     ``instructions`` marks an instruction-tuning corpus (records, not rows of text); its files are
-    all read and concatenated.
+    all read and concatenated. ``generator`` names the function that writes a corpus made from what is
+    installed (no mirror file, no hub).
     """
 
     name: str
@@ -57,6 +58,12 @@ class Corpus:
     instructions: bool = False
     hub: HubSource | None = None
     snapshot_splits: tuple[str, ...] | None = None  # splits copied by `prepare` (default: all)
+    #: ``module:function`` that writes the corpus into a corpora folder when no mirror holds it (a corpus
+    #: made from what is installed, e.g. the code corpus); returns the file it wrote
+    generator: str | None = None
+    #: instruction corpora: how many records are held out for evaluation (never calibrated or trained on;
+    #: :func:`gqaprune.data.instructions.split_records`)
+    heldout_records: int = 0
 
     def files(self, split: str) -> tuple[str, ...]:
         """Candidate local files of ``split`` (relative to the mirror); refuses unknown splits."""
@@ -97,10 +104,16 @@ register(Corpus(
     hub=HubSource("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                   split_map={"calibration": "validation"}),
 ))
-register(Corpus(
+register(Corpus(  # Python source of the standard library: origin and licence in gqaprune.data.code
+    name="code",
+    splits={"calibration": ("code/python_stdlib.jsonl",), "validation": ("code/python_stdlib.jsonl",)},
+    calibration_split="calibration", evaluation_split="validation", halves=10_000,  # every module, cut in two
+    generator="gqaprune.data.code:write_code_corpus",
+))
+register(Corpus(  # as calibration text: the training records rendered as the model sees them (chat template)
     name="alpaca",
     splits={"train": ("alpaca/alpaca_data_first200.json", "alpaca/alpaca_en_demo.json")},
-    instructions=True, hub=HubSource("yahma/alpaca-cleaned"),
+    instructions=True, hub=HubSource("yahma/alpaca-cleaned"), calibration_split="train", heldout_records=100,
 ))
 
 

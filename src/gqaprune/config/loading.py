@@ -18,8 +18,11 @@ import yaml
 
 from gqaprune.config.sections import Params, ParamsError, cross_errors
 
-
 # --- typing and building -----------------------------------------------------------------------
+#: the spellings of infinity a float key accepts as a string (YAML's, and Python's)
+_INFINITIES = {sign + word: (-math.inf if sign == "-" else math.inf)
+               for sign in ("", "+", "-") for word in (".inf", "inf", "infinity")}
+
 class _TypeError(Exception):
     """One value of the wrong type (collected, then reported with the others)."""
 
@@ -31,7 +34,7 @@ def _coerce(value, hint, key: str):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        first = None
+        first = matching = None
         for option in options:
             if option is type(None):
                 continue
@@ -39,7 +42,16 @@ def _coerce(value, hint, key: str):
                 return _coerce(value, option, key)
             except _TypeError as e:
                 first = first or e
-        raise first or _TypeError(f"{key}: bad value {value!r}")
+                # a mapping or list given for `str | dict[...]`: the container's own error says what is wrong
+                container = typing.get_origin(option)
+                if container in (dict, list, tuple) and isinstance(value, dict if container is dict else list | tuple):
+                    matching = e
+        raise matching or first or _TypeError(f"{key}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _TypeError(f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(hint) or (str, typing.Any)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise _TypeError(f"{key} must be a list, got {value!r}")
@@ -51,10 +63,16 @@ def _coerce(value, hint, key: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise _TypeError(f"{key} must be a number, got {value!r}")
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text in _INFINITIES:  # `dvc exp run -S key=.inf` writes the string '.inf' into params.yaml
+            return _INFINITIES[text]
         try:
-            return float(value)  # YAML reads 3e-4 as a string and .inf as float; both land here
+            number = float(value)  # YAML reads 3e-4 as a string and .inf as float; both land here
         except ValueError:
             raise _TypeError(f"{key} must be a number, got {value!r}") from None
+        if math.isnan(number):
+            raise _TypeError(f"{key} must be a number, got {value!r} (not a number)")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _TypeError(f"{key} must be an integer, got {value!r}")
@@ -101,6 +119,25 @@ def _build(cls, raw, prefix: str, errors: list[str]):
     return cls(**values)
 
 
+def coerce_fields(cls, values: dict, prefix: str) -> dict:
+    """``values`` (keys of section ``cls``, e.g. read back from a JSON artifact, where infinity is ``".inf"``)
+    typed as the section's fields; unknown keys and bad values are refused together."""
+    errors: list[str] = []
+    hints, fields = typing.get_type_hints(cls), _fields(cls)
+    out = {}
+    for name, value in values.items():
+        if name not in fields:
+            errors.append(f"unknown key {prefix}.{name}")
+            continue
+        try:
+            out[name] = _coerce(value, hints[name], f"{prefix}.{name}")
+        except _TypeError as e:
+            errors.append(str(e))
+    if errors:
+        raise ParamsError("; ".join(errors))
+    return out
+
+
 def parse_params(raw: dict) -> Params:
     """Validate a params mapping (as read from YAML) into :class:`Params`; every problem in one error."""
     errors: list[str] = []
@@ -140,6 +177,16 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     for assignment in overrides or []:
         _apply_override(raw, assignment)
     return parse_params(raw)
+
+
+def with_data_dir_resolved(params: Params, path: str | Path) -> Params:
+    """``params`` with a relative ``data.data_dir`` resolved against the folder of the params file ``path``
+    (as its comment says), so every command finds the same mirror wherever it runs."""
+    data_dir = params.data.data_dir
+    if data_dir is None or Path(data_dir).expanduser().is_absolute():
+        return params
+    absolute = str((Path(path).parent / Path(data_dir).expanduser()).absolute())
+    return dataclasses.replace(params, data=dataclasses.replace(params.data, data_dir=absolute))
 
 
 def describe(cls) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from gqaprune.config.corpora import calibration_corpora
 from gqaprune.errors import GqapruneError
 
 
@@ -64,3 +65,10 @@ class Section:
     def key(self, name: str) -> str:
         """The dotted params key of a field."""
         return f"{self.section}.{name}"
+
+
+def mix_rule(mix, key: str) -> str | None:
+    """The check of a corpus mix: ``auto`` or ``{calibration corpus: weight > 0}``."""
+    ok = mix == "auto" or (isinstance(mix, dict) and bool(mix) and all(
+        k in calibration_corpora() and is_num(v) and v > 0 for k, v in mix.items()))
+    return rule(ok, key, f"auto or a mapping of {calibration_corpora()} to weights > 0", mix)

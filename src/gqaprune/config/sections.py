@@ -3,8 +3,9 @@
 Each field's default is the value params.yaml ships with (``tests/test_params.py`` checks that the two
 agree key by key), so the defaults that ``--help`` prints are the ones a user runs. ``rules()`` lists
 the range and choice checks of a section; :mod:`gqaprune.config.loading` reads the file, checks the
-types, runs every rule and reports every problem at once. The library's own configs
-(:class:`PlanConfig`, :class:`FinetuneConfig`) are sections too, so each setting has one definition.
+types, runs every rule and reports every problem at once. The library's own configs (:class:`PlanConfig`,
+:class:`~gqaprune.config.recovery_and_evaluation.FinetuneConfig`) are sections too, so each setting has one
+definition; the recovery and evaluation sections live in :mod:`gqaprune.config.recovery_and_evaluation`.
 Torch-free: a stage parses its params before importing anything heavy.
 """
 
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from gqaprune.config import choices as C
-from gqaprune.config.corpora import calibration_corpora, evaluation_corpora, instruction_corpora
-from gqaprune.config.rules import ParamsError, PlanError, Section, choice, is_int, is_num, rule
+from gqaprune.config.corpora import calibration_corpora
+from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneParams
+from gqaprune.config.rules import ParamsError, PlanError, Section, choice, is_int, is_num, mix_rule, rule
 
 
 @dataclass(frozen=True)
@@ -104,29 +106,37 @@ class PrepareParams(Section):
 
 @dataclass(frozen=True)
 class CalibrateParams(Section):
-    """Calibration samples: n_samples windows of seq_len tokens from a corpus's calibration split.
+    """Calibration samples: ``n_samples`` windows of ``seq_len`` tokens drawn from the calibration splits of a
+    weighted mix of corpora, and held-out windows for the ``allocate`` stage.
 
-    Also ``heldout_windows`` windows from the calibration split of each of ``heldout_datasets``, none
-    sharing a token with the calibration samples: the data the ``allocate`` stage chooses the allocation
-    on (never an evaluation split). ``heldout_windows: 0`` draws none (``allocate.mode: fixed``).
+    ``mix``: ``{corpus: weight}`` (the samples are shared by weight), or ``auto``: the model's own uses,
+    ``{wikitext2: 0.5, alpaca: 0.5}`` for a model with a chat template (an instruction corpus is read as
+    its training records rendered through that template), ``{wikitext2: 1}`` otherwise. For a code model
+    add the ``code`` corpus (README). ``heldout_windows`` windows are also drawn from the calibration split
+    of each of ``heldout_datasets`` (``auto``: the mix's corpora), none sharing a token with the samples:
+    what the ``allocate`` stage chooses the allocation on (never an evaluation split);
+    ``heldout_windows: 0`` draws none (``allocate.mode: fixed``).
     """
 
     section: ClassVar[str] = "calibrate"
-    dataset: str = "wikitext2"
+    mix: str | dict[str, float] = "auto"
     n_samples: int = 64
     seq_len: int = 128
     seed: int = 0
     heldout_windows: int = 16
-    heldout_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
+    heldout_datasets: str | list[str] = "auto"
 
     def rules(self):
-        bad = [d for d in self.heldout_datasets if d not in calibration_corpora()]
-        return [choice(self.dataset, calibration_corpora(), self.key("dataset")),
+        held = [] if self.heldout_datasets == "auto" else self.heldout_datasets
+        bad = [d for d in held if d not in calibration_corpora()]
+        return [mix_rule(self.mix, self.key("mix")),
                 rule(self.n_samples >= 1, self.key("n_samples"), ">= 1", self.n_samples),
                 rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len),
                 rule(self.heldout_windows >= 0, self.key("heldout_windows"), ">= 0", self.heldout_windows),
-                rule(not bad and (self.heldout_datasets or not self.heldout_windows), self.key("heldout_datasets"),
-                      f"a list of {calibration_corpora()}", self.heldout_datasets)]
+                rule(not bad and isinstance(self.heldout_datasets, list | str) and self.heldout_datasets in (
+                    "auto", held) and (held or self.heldout_datasets == "auto" or not self.heldout_windows),
+                     self.key("heldout_datasets"), f"auto or a list of {calibration_corpora()}",
+                     self.heldout_datasets)]
 
 
 @dataclass(frozen=True)
@@ -256,144 +266,6 @@ class SurgeryParams(Section):
     def rules(self):
         return [choice(self.compensation, C.COMPENSATIONS, self.key("compensation")),
                 rule(self.ridge >= 0, self.key("ridge"), ">= 0", self.ridge),
-                rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
-                choice(self.dtype, C.DTYPES, self.key("dtype"))]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig(Section):
-    """LoRA recovery settings (the ``finetune`` section of params.yaml).
-
-    Attributes:
-        r: LoRA rank.
-        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
-        dropout: dropout on the LoRA branch input, in [0, 1).
-        lr: peak learning rate of AdamW.
-        epochs: passes over the records (fractions allowed: 0.5 = half an epoch of batches).
-        max_steps: optional cap on optimizer steps (training stops after that many, whatever ``epochs``).
-        batch_size: examples per micro-batch.
-        grad_accum: micro-batches per optimizer step.
-        max_length: tokens per example after truncation (prompt + response + EOS).
-        n_records: use only the first N records (None: all).
-        seed: seeds LoRA initialisation, dropout and the shuffling.
-        gradient_checkpointing: recompute decoder-layer activations in the backward pass (less memory).
-        target_modules: names (suffixes) of the Linear layers that get LoRA; those a pruned layer lost
-            are simply skipped in that layer.
-        warmup_steps: optimizer steps of linear warm-up from 0 to ``lr``.
-    """
-
-    section: ClassVar[str] = "finetune"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 3e-4
-    epochs: float = 1.0
-    max_steps: int | None = 10
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 128
-    n_records: int | None = None
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    target_modules: tuple[str, ...] = C.DEFAULT_TARGET_MODULES
-    warmup_steps: int = 0
-
-    def rules(self):
-        k = self.key
-        return [
-            rule(is_int(self.r) and self.r >= 1, k("r"), "an integer >= 1", self.r),
-            rule(is_num(self.alpha) and self.alpha > 0, k("alpha"), "a number > 0", self.alpha),
-            rule(is_num(self.dropout) and 0 <= self.dropout < 1, k("dropout"), "a number in [0, 1)", self.dropout),
-            rule(is_num(self.lr) and self.lr > 0, k("lr"), "a number > 0", self.lr),
-            rule(is_num(self.epochs) and self.epochs > 0, k("epochs"), "a number > 0", self.epochs),
-            rule(self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1), k("max_steps"),
-                  "null or an integer >= 1", self.max_steps),
-            rule(is_int(self.batch_size) and self.batch_size >= 1, k("batch_size"), "an integer >= 1",
-                  self.batch_size),
-            rule(is_int(self.grad_accum) and self.grad_accum >= 1, k("grad_accum"), "an integer >= 1",
-                  self.grad_accum),
-            rule(is_int(self.max_length) and self.max_length >= 2, k("max_length"), "an integer >= 2",
-                  self.max_length),
-            rule(self.n_records is None or (is_int(self.n_records) and self.n_records >= 1), k("n_records"),
-                  "null or an integer >= 1", self.n_records),
-            rule(is_int(self.seed) and self.seed >= 0, k("seed"), "an integer >= 0", self.seed),
-            rule(isinstance(self.gradient_checkpointing, bool), k("gradient_checkpointing"), "true or false",
-                  self.gradient_checkpointing),
-            rule(isinstance(self.target_modules, tuple | list) and len(self.target_modules) > 0
-                  and all(isinstance(t, str) and t for t in self.target_modules), k("target_modules"),
-                  "a non-empty list of module names", self.target_modules),
-            rule(is_int(self.warmup_steps) and self.warmup_steps >= 0, k("warmup_steps"), "an integer >= 0",
-                  self.warmup_steps),
-        ]
-
-
-@dataclass(frozen=True)
-class FinetuneParams(FinetuneConfig):
-    """Recovery of the pruned model, and where and whether to run it.
-
-    ``method``: ``lora`` (LoRA on the instruction corpus ``dataset``, the settings of
-    :class:`FinetuneConfig`; runs on N processes) or ``distill`` (train the pruned model towards the
-    dense model's next-token distributions, KL on the logits, on every window of the calibration splits
-    of ``distill_corpora`` that is not a held-out window; ``distill_mode`` ``full`` trains every weight,
-    ``lora`` adapters; ``max_steps`` and/or ``distill_max_seconds`` bound it; one process).
-    """
-
-    enabled: bool = True
-    method: str = "lora"
-    dataset: str = "alpaca"
-    merge: bool = True
-    distill_mode: str = "full"
-    distill_lr: float = 2e-4
-    distill_batch_size: int = 8
-    distill_max_seconds: float | None = None
-    distill_corpora: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
-    dtype: str = "float32"
-    device: str = "auto"
-
-    def rules(self):
-        bad = [d for d in self.distill_corpora if d not in calibration_corpora()]
-        return [*super().rules(), choice(self.method, C.RECOVERY_METHODS, self.key("method")),
-                choice(self.dataset, instruction_corpora(), self.key("dataset")),
-                choice(self.distill_mode, C.DISTILL_MODES, self.key("distill_mode")),
-                rule(is_num(self.distill_lr) and self.distill_lr > 0, self.key("distill_lr"), "a number > 0",
-                      self.distill_lr),
-                rule(self.distill_batch_size >= 1, self.key("distill_batch_size"), ">= 1", self.distill_batch_size),
-                rule(self.distill_max_seconds is None or self.distill_max_seconds > 0,
-                      self.key("distill_max_seconds"), "null or > 0", self.distill_max_seconds),
-                rule(bool(self.distill_corpora) and not bad, self.key("distill_corpora"),
-                      f"a non-empty list of {calibration_corpora()}", self.distill_corpora),
-                choice(self.dtype, C.DTYPES, self.key("dtype"))]
-
-    def config(self) -> FinetuneConfig:
-        """The library config (the training settings, without pipeline-only keys)."""
-        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        return FinetuneConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-
-@dataclass(frozen=True)
-class EvaluateParams(Section):
-    """Perplexity: non-overlapping seq_len windows; max_tokens caps evaluated tokens per dataset (null: all).
-
-    ``spread``: the capped windows are spread evenly over the whole test split (every article), not
-    the first ones; the standard error of each log-perplexity is reported next to it.
-    """
-
-    section: ClassVar[str] = "evaluate"
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
-    seq_len: int = 128
-    max_tokens: int | None = 4096
-    spread: bool = True
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-
-    def rules(self):
-        bad = [d for d in self.datasets if d not in evaluation_corpora()]
-        return [rule(bool(self.datasets) and not bad, self.key("datasets"),
-                      f"a non-empty list of {evaluation_corpora()}", self.datasets),
-                rule(self.seq_len >= 2, self.key("seq_len"), ">= 2", self.seq_len),
-                rule(self.max_tokens is None or self.max_tokens >= self.seq_len, self.key("max_tokens"),
-                      "null or >= evaluate.seq_len", self.max_tokens),
                 rule(self.batch_size >= 1, self.key("batch_size"), ">= 1", self.batch_size),
                 choice(self.dtype, C.DTYPES, self.key("dtype"))]
 

@@ -95,12 +95,24 @@ def _read_column(file: Path, column: str) -> list[str]:
     return [str(x) if x is not None else "" for x in values(column)]
 
 
+def _unreadable(file: Path, error: Exception) -> InputError:
+    """A corpus or instruction file that cannot be decoded, named with the reason and the fix."""
+    reason = " ".join(str(error).split())[:200]
+    return InputError(f"corpus file {file} is damaged or not in its format ({type(error).__name__}: {reason}); "
+                      "restore it from the data folder's source (see its README)")
+
+
 def _read_local_rows(corpus: Corpus, file: Path) -> list[str]:
-    """Rows of a corpus from one local file (format by suffix); refuses a file without text."""
-    if file.suffix in (".txt", ".raw"):
-        rows = _read_lines(file, corpus.rows)
-    else:
-        rows = _read_column(file, corpus.column)
+    """Rows of a corpus from one local file (format by suffix); refuses a file without text or not readable."""
+    try:
+        if file.suffix in (".txt", ".raw"):
+            rows = _read_lines(file, corpus.rows)
+        else:
+            rows = _read_column(file, corpus.column)
+    except InputError:
+        raise
+    except (ValueError, OSError, AttributeError) as e:  # JSON / UTF-8 / Parquet decoding (ArrowInvalid: ValueError)
+        raise _unreadable(file, e) from None
     if not any(r.strip() for r in rows):
         raise InputError(f"corpus file {file} holds no text; restore it (see the data folder's README)")
     return rows
@@ -191,6 +203,11 @@ def load_rows(
             reason = "no such file" if root.is_dir() else "the data directory does not exist"
             looked.append(f"local mirror ({source}) {file}: {reason}")
 
+    if corpus.generator:  # a corpus made from what is installed: written to a scratch folder, then read
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gqaprune-corpus-") as tmp:
+            return _half(corpus, _read_local_rows(corpus, Path(tmp) / _generate(corpus, tmp)), split)
     try:
         rows = _load_from_hub(name, split)
     except Exception as exc:  # offline, missing dataset, removed loader script, ...
@@ -198,6 +215,14 @@ def load_rows(
                       f"{type(exc).__name__}: {exc}")
         raise _not_found(what, looked) from exc
     return _half(corpus, rows, split)
+
+
+def _generate(corpus: Corpus, out_dir) -> str:
+    """Run the corpus' generator (``module:function``) into ``out_dir``; the file it wrote, relative to it."""
+    import importlib
+
+    module, _, function = corpus.generator.partition(":")
+    return getattr(importlib.import_module(module), function)(out_dir)
 
 
 def _normalise_record(rec: dict) -> dict:
@@ -208,11 +233,16 @@ def _read_records(files: list[Path]) -> list[dict]:
     """Instruction records from JSON (a list) or JSON-lines files, concatenated in order."""
     records: list[dict] = []
     for file in files:
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".jsonl":
-            found = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            found = json.loads(text) if text.strip() else []
+        try:
+            text = file.read_text(encoding="utf-8")
+            if file.suffix == ".jsonl":
+                found = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                found = json.loads(text) if text.strip() else []
+            if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+                raise ValueError("expected a list of records {instruction, input, output}")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _unreadable(file, e) from None
         if not found:
             raise InputError(f"instruction file {file} holds no records; restore it")
         records += found
@@ -289,15 +319,22 @@ def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir:
     for name in dict.fromkeys(names):  # unique, in order
         corpus = get_corpus(name)
         splits = corpus.snapshot_splits or tuple(corpus.splits)
+        if corpus.generator and not any(root is not None and (root / r).is_file()
+                                        for split in splits for r in corpus.files(split)):
+            written[name] = [_generate(corpus, out)]  # made from what is installed: no mirror, no hub
+            continue
         if corpus.instructions:  # every instruction file that exists, concatenated when read
             found = [rel for rel in corpus.files(splits[0]) if root is not None and (root / rel).is_file()]
             if found:
                 _read_records([root / rel for rel in found])
+            else:
+                _check_hub_can_stand_in(name, splits[0], root)
         else:
             found = []
             for split in splits:
                 rel = next((r for r in corpus.files(split) if root is not None and (root / r).is_file()), None)
                 if rel is None:
+                    _check_hub_can_stand_in(name, split, root)
                     found = []
                     break
                 if rel not in found:
@@ -311,6 +348,15 @@ def snapshot_corpora(names: Sequence[str], out_dir: str | os.PathLike, data_dir:
             found = _write_from_hub(corpus, out)
         written[name] = found
     return written
+
+
+def _check_hub_can_stand_in(name: str, split: str, root: Path | None) -> None:
+    """Refuse, naming the missing file and its split, a corpus split the mirror lacks while the hub is unreachable."""
+    if root is None or not root.is_dir() or hub_reachable():
+        return
+    wanted = " or ".join(str(root / rel) for rel in get_corpus(name).files(split))
+    raise InputError(f"corpus {name}, split {split!r}: {wanted} does not exist and the Hugging Face hub is not "
+                     "reachable; restore the file in the data folder (data.data_dir) or allow hub access")
 
 
 def _write_from_hub(corpus: Corpus, out: Path) -> list[str]:

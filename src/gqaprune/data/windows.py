@@ -55,10 +55,14 @@ def corpus_token_ids(
 ) -> torch.Tensor:
     """Token ids ``[n_tokens]`` (``torch.long``) of a corpus split: rows joined, tokenised once.
 
+    An instruction corpus' split is its training records (never the held-out ones) rendered as the
+    model sees them, chat template included (:func:`gqaprune.data.instructions.instruction_text`).
     Cached in-process per (tokenizer, corpus, split, data folder), so a stage that draws calibration
     samples and held-out windows from one split, or evaluates several models, tokenises it once. The
     returned tensor is shared: do not modify it in place.
     """
+    if get_corpus(name).instructions:
+        return _instruction_token_ids(tokenizer, name, data_dir)
     if path is not None:
         return tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir, path=path)))
     root = resolve_data_dir(data_dir)
@@ -66,6 +70,61 @@ def corpus_token_ids(
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = tokenize_text(tokenizer, join_rows(load_rows(name, split, data_dir=data_dir)))
     return _TOKEN_CACHE[key]
+
+
+def _instruction_token_ids(tokenizer, name: str, data_dir) -> torch.Tensor:
+    """The training records of an instruction corpus rendered and tokenised as one stream (cached)."""
+    from gqaprune.data.instructions import instruction_records, instruction_text
+
+    root = resolve_data_dir(data_dir)
+    key = (_tokenizer_key(tokenizer), name, "train-records", None if root is None else str(root))
+    if key not in _TOKEN_CACHE:
+        text, templated = instruction_text(tokenizer, instruction_records(name, "train", data_dir))
+        enc = tokenizer(text, add_special_tokens=not templated, return_attention_mask=False, verbose=False)
+        _TOKEN_CACHE[key] = torch.tensor(enc["input_ids"], dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def resolve_mix(mix: str | dict[str, float], tokenizer) -> dict[str, float]:
+    """A corpus mix as ``{corpus: weight}``: ``auto`` is the model's own uses (:data:`gqaprune.config.choices.
+    AUTO_MIX_CHAT` when the tokenizer has a chat template, else :data:`~gqaprune.config.choices.AUTO_MIX_PLAIN`)."""
+    from gqaprune.config.choices import AUTO_MIX_CHAT, AUTO_MIX_PLAIN
+    from gqaprune.data.instructions import has_chat_template
+
+    if mix != "auto":
+        return dict(mix)
+    return dict(AUTO_MIX_CHAT if has_chat_template(tokenizer) else AUTO_MIX_PLAIN)
+
+
+def mix_counts(mix: dict[str, float], n: int) -> dict[str, int]:
+    """``n`` items shared by the mix's weights (largest remainders; every corpus with weight > 0 gets at least
+    one when ``n`` allows), in the mix's order."""
+    names = [k for k, w in mix.items() if w > 0]
+    if not names:
+        raise ValueError(f"the mix {mix} has no corpus with a weight > 0")
+    total = sum(mix[k] for k in names)
+    exact = {k: n * mix[k] / total for k in names}
+    counts = {k: int(exact[k]) for k in names}
+    for k in sorted(names, key=lambda k: (counts[k] - exact[k], names.index(k)))[: n - sum(counts.values())]:
+        counts[k] += 1
+    for k in names:  # a named corpus is never left out while another has two or more
+        if counts[k] == 0:
+            donor = max(names, key=lambda j: counts[j])
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[k] = 1
+    return counts
+
+
+def mixed_calibration_samples(tokenizer, mix: dict[str, float], n_samples: int, seq_len: int, seed: int,
+                              data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """Calibration windows ``[n_samples, seq_len]`` drawn from several corpora by weight (:func:`mix_counts`):
+    each corpus' share by :func:`calibration_samples` from its calibration split, concatenated in the mix's
+    order. Returns the windows and the number drawn from each corpus."""
+    counts = mix_counts(mix, n_samples)
+    parts = [calibration_samples(tokenizer, name, None, k, seq_len, seed, data_dir=data_dir)
+             for name, k in counts.items() if k]
+    return torch.cat(parts), counts
 
 
 # (tokenizer fingerprint, corpus, split, data folder) -> token ids [n_tokens] (torch.long, CPU)
@@ -201,3 +260,19 @@ def calibration_text_windows(tokenizer, names: Sequence[str], seq_len: int,
         held = {tuple(row.tolist()) for row in exclude}
         windows = windows[torch.tensor([tuple(row.tolist()) not in held for row in windows], dtype=torch.bool)]
     return windows
+
+
+def mixed_text_windows(tokenizer, mix: dict[str, float], seq_len: int, data_dir: str | os.PathLike | None = None,
+                       exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Training windows ``[n, seq_len]`` from the calibration splits of a weighted mix: each corpus'
+    windows (:func:`calibration_text_windows`, held-out windows excluded) taken evenly over the corpus so
+    that the corpora's shares match their weights, as many as the scarcest corpus allows; in mix order."""
+    windows = {name: calibration_text_windows(tokenizer, [name], seq_len, data_dir, exclude) for name in mix}
+    total = sum(mix.values())
+    n = min(int(len(w) * total / mix[name]) for name, w in windows.items())
+    counts = mix_counts(mix, n)
+    parts = []
+    for name, w in windows.items():
+        pick = torch.linspace(0, len(w) - 1, counts[name], dtype=torch.float64).round().long() if counts[name] else []
+        parts.append(w[pick])
+    return torch.cat(parts)

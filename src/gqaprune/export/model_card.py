@@ -32,6 +32,8 @@ def _q(value) -> str:
         return str(value)
     if isinstance(value, float):
         return ".inf" if value == float("inf") else repr(round(value, 6))  # YAML spells infinity .inf
+    if value in (".inf", "-.inf"):  # infinity as JSON artifacts spell it (runtime.files.json_safe)
+        return value
     return json.dumps(str(value), ensure_ascii=False)
 
 
@@ -46,14 +48,18 @@ def model_card(*, name: str, base_model: str, kind: str = "pruned", model_type: 
                perplexity: Mapping[str, float] | None = None, dense_perplexity: Mapping[str, float] | None = None,
                seq_len: int | None = None, tokens_evaluated: Mapping[str, int] | None = None,
                finetune: Mapping | None = None, gguf_files: Mapping[str, int] | None = None,
-               license: str | None = None) -> str:
+               license: str | None = None, abilities: Mapping | None = None,
+               dense_abilities: Mapping | None = None, generations: str | None = None) -> str:
     """The README.md text of one checkpoint folder.
 
     ``kind``: "pruned" or "finetuned" (LoRA-recovered). ``plan``: the plan params (``plan.json``'s
     ``params``; the keys in :data:`PLAN_KEYS` are shown). ``layers``: ``config.gqaprune_layers`` when the
     shapes differ per layer. ``perplexity`` / ``dense_perplexity``: dataset -> perplexity measured on
     this model and on the dense one, over ``tokens_evaluated`` tokens in windows of ``seq_len``.
-    ``gguf_files``: exported GGUF file name -> size in bytes. Equal arguments give equal text.
+    ``gguf_files``: exported GGUF file name -> size in bytes. ``abilities`` / ``dense_abilities``: what this
+    model and the dense one do (the evaluate stage's task figures: HumanEval, instruction NLL, generation
+    health, lm-eval tasks); ``generations``: the file, beside the card, with both models' continuations.
+    Equal arguments give equal text.
     """
     if kind not in ("pruned", "finetuned"):
         raise ValueError(f"kind {kind!r} must be 'pruned' or 'finetuned'")
@@ -114,6 +120,8 @@ def model_card(*, name: str, base_model: str, kind: str = "pruned", model_type: 
             n = (tokens_evaluated or {}).get(k, "")
             body.append(f"| {k} | {_fmt_ppl(perplexity[k])} | {_fmt_ppl(d)} | {ratio} | {n} |")
         body.append("")
+    if abilities:
+        body += _abilities_table(abilities, dense_abilities or {}, generations)
     if layers or removed_layers:
         body += ["## Layer shapes", ""]
         if removed_layers:
@@ -133,12 +141,52 @@ def model_card(*, name: str, base_model: str, kind: str = "pruned", model_type: 
     return "\n".join(fm + [""] + body).rstrip("\n") + "\n"
 
 
+def _abilities_table(mine: Mapping, dense: Mapping, generations: str | None) -> list[str]:
+    """The card's "What it can still do" section: each measure of this model next to the dense model's."""
+    rows = []
+
+    def row(label, a, b, kept):
+        rows.append(f"| {label} | {a} | {b} | {kept} |")
+
+    def num(x, digits=3):
+        return "" if x is None else f"{x:.{digits}f}"
+
+    h, hd = mine.get("humaneval"), dense.get("humaneval") or {}
+    if h:
+        kept = f"{100 * h['pass_at_1'] / hd['pass_at_1']:.0f} %" if hd.get("pass_at_1") else ""
+        row(f"HumanEval pass@1, greedy ({h['problems']} problems)", f"{h['passed']} / {h['problems']}",
+            f"{hd.get('passed', '')} / {hd.get('problems', '')}", kept)
+    if "instruction_nll" in mine:
+        d = dense.get("instruction_nll")
+        row("instruction answers, NLL per token (held-out records)", num(mine["instruction_nll"]), num(d),
+            f"{mine['instruction_nll'] / d:.3f}x" if d else "")
+    g, gd = mine.get("generation"), dense.get("generation") or {}
+    if g:
+        row("greedy continuations that loop", f"{100 * g['loop_rate']:.0f} %",
+            f"{100 * gd['loop_rate']:.0f} %" if "loop_rate" in gd else "",
+            f"{100 * (g['loop_rate'] - gd['loop_rate']):+.0f} points" if "loop_rate" in gd else "")
+        row("distinct-2 of the continuations", num(g.get("distinct_2")), num(gd.get("distinct_2")), "")
+        if "agreement" in g:
+            row("agreement with the dense continuations", num(g["agreement"]), "1.000", "")
+    for task, r in sorted((mine.get("tasks") or {}).items()):
+        d = (dense.get("tasks") or {}).get(task, {})
+        kept = f"{100 * r['value'] / d['value']:.1f} %" if d.get("value") else ""
+        row(f"{task} ({r['metric']})", f"{r['value']:.4f} ± {r['stderr']:.4f}", num(d.get("value"), 4), kept)
+    if not rows:
+        return []
+    out = ["## What it can still do", "", "| measure | this model | dense | kept |", "|---|---:|---:|---:|", *rows, ""]
+    if generations:
+        out += [f"Greedy continuations of the dense model and this one, side by side: [{generations}]({generations}).",
+                ""]
+    return out
+
+
 def card_for_checkpoint(model_dir: str | os.PathLike, *, base_model: str, kind: str = "pruned",
                         metrics: Mapping | None = None, gguf_files: Mapping[str, int] | None = None,
-                        name: str | None = None) -> str:
+                        name: str | None = None, generations: str | None = None) -> str:
     """:func:`model_card` filled from a checkpoint folder's ``config.json`` (``gqaprune_info``, layer shapes).
 
-    ``metrics``: the evaluate stage's ``metrics/evaluate.json`` (its ``ppl[kind]``, ``ppl.dense``,
+    ``metrics``: the evaluate stage's ``artifacts/evaluation/results.json`` (its ``ppl[kind]``, ``ppl.dense``,
     ``seq_len`` and ``tokens_evaluated`` are used) or None.
     """
     model_dir = Path(model_dir)
@@ -156,7 +204,8 @@ def card_for_checkpoint(model_dir: str | os.PathLike, *, base_model: str, kind: 
         perplexity=ppl.get(kind), dense_perplexity=ppl.get("dense"), seq_len=metrics.get("seq_len"),
         tokens_evaluated=metrics.get("tokens_evaluated"),
         finetune=info.get("finetune") if kind == "finetuned" else None,
-        gguf_files=gguf_files,
+        gguf_files=gguf_files, abilities=(metrics.get("abilities") or {}).get(kind),
+        dense_abilities=(metrics.get("abilities") or {}).get("dense"), generations=generations,
     )
 
 

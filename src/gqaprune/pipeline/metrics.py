@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from gqaprune.errors import NonFiniteError
 from gqaprune.pipeline.artifacts import StageOutputs
 from gqaprune.pipeline.stages import METRICS_DIR
 from gqaprune.runtime.files import write_json
@@ -49,3 +51,20 @@ def stage_metrics(out: StageOutputs, stage: str, timer: Timer, extra: dict | Non
     if ctx is not None and ctx.is_distributed:
         metrics["processes"] = ctx.world_size
     write_json(out(METRICS_DIR / f"{stage}.json"), {**metrics, **(extra or {})})
+
+
+def finite_perplexities(result: dict, model: str, dtype: str) -> dict:
+    """``result`` (dataset -> perplexity figures) checked: a NaN or infinite perplexity fails, naming the
+    dataset and the fix (an overflow of float16: bfloat16 or float32); a standard error that one window
+    cannot give (NaN) becomes None, so the metrics stay valid JSON."""
+    for name, r in result.items():
+        if not math.isfinite(r["ppl"]):
+            overflow = dtype == "float16"
+            fix = ("the computation overflowed in float16: set evaluate.dtype: bfloat16 or float32" if overflow
+                   else "the model's outputs are not finite: re-run the stage that wrote it, or try evaluate.dtype: "
+                   "float32")
+            raise NonFiniteError(f"the {model} model's perplexity on {name} is {r['ppl']} with evaluate.dtype: "
+                                 f"{dtype}; {fix}")
+        if r.get("log_ppl_se") is not None and not math.isfinite(r["log_ppl_se"]):
+            r["log_ppl_se"] = None
+    return result

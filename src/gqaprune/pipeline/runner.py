@@ -4,11 +4,15 @@
 
 1. parses ``--params`` / ``--set section.key=value`` (repeatable, as ``dvc exp run -S``) / ``--debug``;
 2. validates the whole params file (every bad key in one message) before importing anything heavy;
-3. logs to ``artifacts/logs/<name>.log`` (the full traceback of a failure goes there) and to stderr;
-4. writes its outputs staged and replaces the old ones only when it succeeded
+3. takes the stage's lock (``artifacts/logs/<name>.lock``, ``fcntl.flock``): one writer per output, a
+   second run of the stage refuses at once, naming the pid of the first (:func:`stage_lock`);
+4. logs to ``artifacts/logs/<name>.log`` (the full traceback of a failure goes there) and to stderr;
+5. removes what a killed run left (staged and temporary siblings of its outputs whose pid no longer
+   runs), writes its outputs staged and replaces the old ones only when it succeeded
    (:func:`gqaprune.pipeline.artifacts.stage_outputs`);
-5. on failure prints one line, ``error: <message>``, and exits 1; ``--debug`` (or ``GQAPRUNE_DEBUG=1``)
-   prints the traceback too.
+6. on failure prints one line, ``error: <message>``, and exits 1; ``--debug`` (or ``GQAPRUNE_DEBUG=1``)
+   prints the traceback too. SIGINT and SIGTERM stop the stage the same way: the staged outputs are
+   dropped and one line says so (exit code 130 / 143).
 
 A stage that loads the model (``recipes.MULTI_PROCESS``) runs on ``distributed.nproc_per_node`` x
 ``nnodes`` processes when the params ask for more than one: the command re-runs itself as that many
@@ -24,17 +28,21 @@ the launching process prints the first failure's line and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gqaprune.config.loading import describe, load_params
+from gqaprune.config.loading import describe, load_params, with_data_dir_resolved
 from gqaprune.config.sections import DistributedParams, Params
 from gqaprune.errors import GqapruneError
 from gqaprune.pipeline.stages import LOG_DIR, MULTI_PROCESS, STAGES, Stage
@@ -46,6 +54,10 @@ log = logging.getLogger("gqaprune")
 DEBUG_ENV = "GQAPRUNE_DEBUG"
 #: what a rank's error looks like when another rank failed first (it is then not the cause)
 _PEER_GONE = ("closed by peer", "reset by peer", "remote worker", "ncclRemoteError", "was aborted", "Broken pipe")
+
+
+class StageBusyError(GqapruneError):
+    """Another process is running the same stage (it holds the stage's lock)."""
 
 
 def debugging(flag: bool = False) -> bool:
@@ -150,12 +162,18 @@ def _record_failure(stage: str, rank: int, exc: BaseException, path: Path) -> No
         log.debug("could not record the failure", exc_info=True)
 
 
-def error_line(exc: BaseException, log_file: Path | None, debug: bool) -> str:
+def error_line(exc: BaseException, log_file: Path | None, debug: bool, stage: str | None = None) -> str:
     """The one line that reports ``exc``: ``error: <message>`` (and where its traceback is)."""
+    outputs = f"the previous outputs of {stage} are unchanged" if stage else "nothing was written"
     if isinstance(exc, KeyboardInterrupt):
-        return "error: interrupted; the stage's previous outputs are unchanged"
+        return f"error: stopped by SIGINT (Ctrl-C); {outputs}"
+    if isinstance(exc, Stopped):
+        return f"error: {exc}; {outputs}"
     if isinstance(exc, GqapruneError):
         return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"error: no space left on the disk while writing {exc.filename or 'the outputs'}; free space and "
+                f"run it again ({outputs})")
     where = f" (traceback in {log_file}; --debug prints it)" if log_file and not debug else ""
     message = " ".join(str(exc).split()) or "(no message)"  # not an error the toolkit expects: still one line
     return f"error: unexpected {type(exc).__name__}: {message}{where}"
@@ -170,9 +188,9 @@ def report_error(exc: BaseException, stage: str | None, debug: bool) -> int:
     """
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    code = 130 if isinstance(exc, KeyboardInterrupt) else 143 if isinstance(exc, Stopped) else 1
     rank = _rank()
-    line = error_line(exc, log_path(stage, rank) if stage else None, debug)
+    line = error_line(exc, log_path(stage, rank) if stage else None, debug, stage)
     if under_launcher():
         if stage and not _error_record(stage, rank).exists():  # failed before its log was set up (joining)
             LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -231,16 +249,62 @@ def _processes(name: str, params: Params):
         yield ctx
 
 
+def _lock_holder(fd: int) -> str:
+    """The pid written into a lock file by the process that holds it ('?' when it has not written it yet)."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return text or "?"
+
+
+@contextmanager
+def stage_lock(stage: str) -> Iterator[None]:
+    """Hold ``artifacts/logs/<stage>.lock`` for the block; refuses at once while another process holds it.
+
+    ``fcntl.flock``: the kernel releases it when its holder exits, however it exits (SIGKILL included), so
+    a stale lock cannot exist. The holder's pid is written into the file for the refusal's message.
+    """
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOG_DIR / f"{stage}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageBusyError(f"stage {stage} is already running (pid {_lock_holder(fd)}); wait for it or stop "
+                                 "it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGTERM raises :class:`Stopped` inside the stage for the block (SIGINT raises KeyboardInterrupt), so
+    the staged outputs are dropped and the stage says so; ranks of a job get this from their process group."""
+    if threading.current_thread() is not threading.main_thread() or launched():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_stage(name: str, run: Callable, params: Params) -> None:
-    """Run one stage's recipe with logging, its outputs staged and committed together (by the main rank,
-    once every rank agreed that it finished)."""
+    """Run one stage's recipe with its lock held (by the process that commits the outputs), logging, its
+    outputs staged and committed together (by the main rank, once every rank agreed that it finished)."""
     from gqaprune.pipeline.artifacts import stage_outputs
 
     info = STAGES[name]
     with _processes(name, params) as ctx:
         if ctx is None:
             return
-        with stage_logging(name, ctx):
+        with stage_lock(name) if ctx.is_main else _nothing(), stage_logging(name, ctx):
             log.info("params: %s", json.dumps(dataclasses.asdict(params), default=str))
             if ctx.is_distributed:
                 log.info("%d processes (%s); this one: %s", ctx.world_size, params.distributed.placement, ctx)
@@ -266,16 +330,18 @@ def execute(name: str, run: Callable | None, params_path: Path, overrides: list[
     """
     raw_debug, debug = debug, debugging(debug)
     try:
-        params = load_params(params_path, overrides)
+        params = with_data_dir_resolved(load_params(params_path, overrides), params_path)
         if name in MULTI_PROCESS and params.distributed.processes > 1 and not launched():
+            # torch's elastic agent forwards SIGINT / SIGTERM to the ranks, which stop as below
             code = _launch(name, params.distributed, argv or rank_command(name, params_path, overrides, raw_debug))
             if code is not None:
                 return code
-        if run is None:
-            import importlib
+        with _stoppable():
+            if run is None:
+                import importlib
 
-            run = importlib.import_module(f"gqaprune.pipeline.recipes.{name}").run
-        run_stage(name, run, params)
+                run = importlib.import_module(f"gqaprune.pipeline.recipes.{name}").run
+            run_stage(name, run, params)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         if isinstance(exc, SystemExit):
             raise

@@ -1,7 +1,10 @@
 """The pipeline's stages: what each reads and writes (torch-free), one recipe module per stage.
 
-Layout (every path is a DVC output; the recipes write them through :class:`~gqaprune.pipeline.artifacts.StageOutputs`)::
+Layout (every path is a DVC output, cached; the recipes write them through
+:class:`~gqaprune.pipeline.artifacts.StageOutputs`)::
 
+    artifacts/source.json               source       what prepare.model names: a local folder's content digest,
+                                                     the embedded file's, a hub id and revision
     data/corpora/                       prepare      corpora snapshot in the local-mirror layout
     artifacts/model/                    prepare      dense model (safetensors + tokenizer) or a reference to it
     artifacts/model.json                prepare      fingerprint, geometry, parameter counts
@@ -13,9 +16,16 @@ Layout (every path is a DVC output; the recipes write them through :class:`~gqap
                                                      layer_summary.csv, pruning_analysis.json
     artifacts/pruned/                   surgery      pruned checkpoint
     artifacts/finetune/                 finetune     adapter/, merged/ (when asked), status.json
+    metrics/dense.json                  evaluate_dense  the dense model's perplexities (no timings)
+    artifacts/evaluation/results.json   evaluate     perplexities and ratios (no timings): what export reads
     artifacts/export/                   export       model-<dtype>.gguf, model-<quant>.gguf, README.md (card)
-    metrics/*.json, plots/*             metrics and plots for ``dvc exp show`` / ``dvc plots``
-    artifacts/logs/<stage>.log          every stage's log (not an output)
+    metrics/*.json, plots/*             metrics and plots for ``dvc exp show`` / ``dvc plots`` (no stage reads
+                                                     a metrics file: timings never invalidate a result)
+    artifacts/logs/<stage>.log          every stage's log, its lock (<stage>.lock) and the digest cache
+                                        (not outputs)
+
+Every artifact records the ids of the inputs it was made from (model fingerprints, content ids of small
+files: :func:`gqaprune.pipeline.inputs.input_ids`); every reader checks them.
 
 ``dvc.yaml`` is generated from :data:`STAGES` and the recipes' imports (:mod:`gqaprune.pipeline.dvc_file`);
 ``tests/test_dvc_yaml.py`` checks that the committed file is the generated one.
@@ -31,9 +41,13 @@ from gqaprune.config import sections as P
 CORPORA_DIR = Path("data/corpora")  # the snapshot prepare writes; every later stage reads it
 ARTIFACTS = Path("artifacts")
 (MODEL_DIR, CALIBRATION_DIR, SCORES_DIR, SIMILARITY_DIR, ALLOCATE_DIR, PLAN_DIR, PRUNED_DIR, FINETUNE_DIR, EXPORT_DIR,
- LOG_DIR) = (ARTIFACTS / name for name in ("model", "calibration", "scores", "similarity", "allocate", "plan", "pruned",
-                                           "finetune", "export", "logs"))
+ LOG_DIR, EVALUATION_DIR) = (ARTIFACTS / name for name in (
+     "model", "calibration", "scores", "similarity", "allocate", "plan", "pruned", "finetune", "export", "logs",
+     "evaluation"))
 MODEL_INFO = ARTIFACTS / "model.json"
+SOURCE_INFO = ARTIFACTS / "source.json"
+RESULTS = EVALUATION_DIR / "results.json"
+GENERATIONS = EVALUATION_DIR / "generations.md"  # dense and delivered model side by side, for a person
 METRICS_DIR, PLOTS_DIR = Path("metrics"), Path("plots")
 DENSE_PPL = METRICS_DIR / "dense.json"
 SCORES = SCORES_DIR / "importance.parquet"
@@ -50,7 +64,9 @@ class Stage:
     writes (cached by DVC); ``plots``: ``(name, x, y)`` of each plot (PNG and CSV). Every stage also
     writes ``metrics/<name>.json``. ``multi_process``: it loads the model and runs on
     ``distributed.nproc_per_node`` x ``nnodes`` processes (:mod:`gqaprune.runtime.launch`); the others
-    run on one (under torchrun: rank 0, the other ranks idle).
+    run on one (under torchrun: rank 0, the other ranks idle). ``always_changed``: DVC runs it at every
+    ``repro`` (the ``source`` stage: it looks at a folder outside the project; its output changes only when
+    the folder's content does).
     """
 
     name: str
@@ -61,10 +77,11 @@ class Stage:
     outs: tuple[Path, ...]
     plots: tuple[tuple[str, str, str], ...] = ()
     multi_process: bool = False
+    always_changed: bool = False
 
     @property
     def metrics(self) -> Path:
-        """``metrics/<name>.json``: timings and figures for ``dvc exp show`` (not cached)."""
+        """``metrics/<name>.json``: timings and figures for ``dvc exp show`` (cached; no stage reads it)."""
         return METRICS_DIR / f"{self.name}.json"
 
     @property
@@ -80,11 +97,13 @@ class Stage:
 
 _MODEL = (MODEL_DIR, MODEL_INFO)
 _STAGES = (  # in pipeline order
+    Stage("source", "Record what prepare.model names (a local folder's content digest), so DVC sees it change.",
+          (P.PrepareParams,), ("prepare.model",), (), (SOURCE_INFO,), always_changed=True),
     Stage("prepare", "Convert, download or reference the dense model into artifacts/model and snapshot the corpora.",
           (P.PrepareParams, P.DataParams),
-          ("data", "prepare", "calibrate.dataset", "calibrate.heldout_windows", "calibrate.heldout_datasets",
-           "evaluate.datasets", "finetune.enabled", "finetune.method", "finetune.dataset", "finetune.distill_corpora"),
-          (), (MODEL_DIR, MODEL_INFO, CORPORA_DIR)),
+          ("data", "prepare", "calibrate.mix", "calibrate.heldout_windows", "calibrate.heldout_datasets",
+           "evaluate.datasets", "evaluate.instruction_dataset", "finetune.enabled", "finetune.mix"),
+          (SOURCE_INFO,), (MODEL_DIR, MODEL_INFO, CORPORA_DIR)),
     Stage("calibrate", "Draw tokenised calibration samples from the calibration split.",
           (P.CalibrateParams,), ("calibrate",), (*_MODEL, CORPORA_DIR), (CALIBRATION_DIR,)),
     Stage("score", "Score every attention group and MLP channel (magnitude, wanda, taylor, taylor_2nd, fluctuation).",
@@ -96,7 +115,8 @@ _STAGES = (  # in pipeline order
           (P.AllocateParams,), ("allocate", "plan", "surgery.compensation", "surgery.ridge", "surgery.batch_size"),
           (*_MODEL, CALIBRATION_DIR, SCORES_DIR, SIMILARITY_DIR), (ALLOCATE_DIR,)),
     Stage("plan", "Build the H-GSP plan, the global group table and pruning_analysis.json.",
-          (P.PlanConfig,), ("plan",), (MODEL_INFO, SCORES_DIR, SIMILARITY_DIR, ALLOCATE_DIR), (PLAN_DIR,),
+          (P.PlanConfig,), ("plan",), (MODEL_INFO, CALIBRATION_DIR, SCORES_DIR, SIMILARITY_DIR, ALLOCATE_DIR),
+          (PLAN_DIR,),
           (("kept_fraction", "layer", "mlp_kept_fraction"),)),
     Stage("surgery", "Slice the dense model by the plan and save the pruned checkpoint.",
           (P.SurgeryParams,), ("surgery",), (*_MODEL, CALIBRATION_DIR, PLAN_DIR), (PRUNED_DIR,), multi_process=True),
@@ -107,11 +127,10 @@ _STAGES = (  # in pipeline order
     Stage("evaluate_dense", "Perplexity of the dense model (cached across experiments).",
           (P.EvaluateParams,), ("evaluate",), (*_MODEL, CORPORA_DIR), (DENSE_PPL,), multi_process=True),
     Stage("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
-          (P.EvaluateParams,), ("evaluate",), (PRUNED_DIR, FINETUNE_DIR, PLAN_DIR, DENSE_PPL, CORPORA_DIR), (),
-          multi_process=True),
+          (P.EvaluateParams,), ("evaluate",), (PRUNED_DIR, FINETUNE_DIR, PLAN_DIR, DENSE_PPL, CORPORA_DIR),
+          (EVALUATION_DIR,), multi_process=True),
     Stage("export", "GGUF export (and llama.cpp-quantised copies) of the recovered model, with its model card.",
-          (P.ExportParams,), ("export",), (MODEL_INFO, PRUNED_DIR, FINETUNE_DIR, METRICS_DIR / "evaluate.json"),
-          (EXPORT_DIR,)),
+          (P.ExportParams,), ("export",), (MODEL_INFO, PRUNED_DIR, FINETUNE_DIR, EVALUATION_DIR), (EXPORT_DIR,)),
 )
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _STAGES}
 #: the stages that load the model and run on N processes

@@ -138,67 +138,147 @@ def select_allocation(
     num_layers: int,
     base: PlanConfig,
     heldout: torch.Tensor | DenseReference,
-    prune: PruneFn,
+    prune: PruneFn | None = None,
     candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
     criterion: str = "kl",
     batch_size: int = 8,
     keep_model: bool = False,
     log: Callable[[dict], None] | None = None,
     audit: dict[str, DenseReference] | None = None,
+    *,
+    calibration: torch.Tensor | None = None,
+    method: str = "lstsq",
+    ridge: float = 1e-2,
+    window_groups: Sequence[str] | None = None,
+    halving: bool = True,
+    z: float = 2.0,
 ) -> Selection:
-    """Build each candidate's plan at ``base.ratio``, prune a copy with ``prune``, keep the best by ``criterion``.
+    """Build each candidate's plan at ``base.ratio``, prune the dense model with it, keep the best by ``criterion``.
+
+    Two ways to prune a candidate:
+
+    * ``prune=None`` (the pipeline's way): one-shot compensation (``method``, ``ridge``, fitted on
+      ``calibration`` as surgery fits it), every candidate measured on shared layer-by-layer passes
+      (:func:`gqaprune.pruning.layerwise_eval.evaluate_candidates`; no model copy). With ``halving``
+      the candidates are first measured on a third of the held-out windows (every third window, the
+      corpora interleaved); those worse than the best by more than ``z`` standard errors of the paired
+      per-window difference are dropped, and only the rest are measured on the other windows.
+      ``window_groups`` names the corpus of each window (reported as ``<corpus>_kl`` / ``_nll``).
+    * ``prune(dense, plan) -> pruned copy`` (any pruner, e.g. sequential refits): each candidate is
+      pruned and evaluated in turn on every window (``audit``: more held-out sets, reported only).
 
     Args:
         dense: the dense model (unchanged).
         scores, similarity, counts, num_layers: the plan's inputs (:func:`gqaprune.pruning.plan.build_plan`).
         base: plan settings shared by all candidates (ratio, importance, freezing, alignment...); each
             candidate's overrides replace those keys.
-        heldout: held-out calibration windows ``[n, T]`` (or a ready :class:`DenseReference`).
-        prune: ``prune(dense, plan) -> pruned model`` (a copy; e.g. one-shot least squares from
-            precomputed statistics, or :func:`gqaprune.pruning.sequential_refit.sequential_prune`).
+        heldout: held-out calibration windows ``[n, T]`` (or a ready :class:`DenseReference` with ``prune``).
         candidates: allocations to try; a candidate whose plan cannot be built (e.g. it needs the
             similarity table and there is none) is skipped and reported with its error.
         criterion: ``"kl"`` (to the dense model) or ``"nll"`` (of the held-out text).
-        keep_model: also return the chosen pruned model (saves pruning it again).
-        audit: more held-out sets (e.g. other corpora's calibration splits); each candidate's KL and NLL
-            on them are reported as ``<name>_kl`` / ``<name>_nll`` columns, never used for the choice.
+        keep_model: also return the chosen pruned model (``prune`` only).
 
     Returns:
-        :class:`Selection`.
+        :class:`Selection`; its table has one row per candidate (criteria over the windows it was
+        measured on, their number, and whether it was dropped early).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
     if not candidates:
         raise ValueError("no candidate allocation to choose from")
-    ref = heldout if isinstance(heldout, DenseReference) else dense_reference(dense, heldout, batch_size)
-    rows, best = [], None
+    rows, plans = {}, {}
     for cand in candidates:
-        t0 = time.perf_counter()
         row = {"candidate": cand.name, **{k: cand.plan.get(k) for k in ("strategy", "temperature", "tau")}}
         try:
             config = replace(base, **cand.plan)
-            plan = build_plan(scores, similarity, counts, num_layers, config)
+            plans[cand.name] = (cand, config, build_plan(scores, similarity, counts, num_layers, config))
         except ValueError as exc:  # PlanError: e.g. no similarity table for a prior
-            rows.append({**row, "error": str(exc)})
-            continue
+            row["error"] = str(exc)
+        rows[cand.name] = row
+    if not plans:
+        raise ValueError(f"no candidate could be planned: {[r.get('error') for r in rows.values()]}")
+    if prune is None:
+        best, model = _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_size, criterion,
+                                window_groups, halving, z, log), None
+    else:
+        best, model = _one_by_one(dense, plans, rows, heldout, prune, batch_size, criterion, keep_model, log, audit)
+    table = pd.DataFrame(list(rows.values()))
+    table["chosen"] = table["candidate"] == best
+    cand, config, plan = plans[best]
+    return Selection(choice=cand, config=config, plan=plan, table=table, criterion=criterion, model=model)
+
+
+def _summary(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error over windows) of per-window values."""
+    se = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
+
+
+def _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_size, criterion, window_groups,
+              halving, z, log) -> str:
+    """Every plan measured on shared layer passes (successive halving); fills ``rows``; the chosen name."""
+    from gqaprune.pruning.layerwise_eval import evaluate_candidates, paired_worse
+
+    if isinstance(heldout, DenseReference):
+        heldout = heldout.windows
+    if calibration is None and method != "none":
+        raise ValueError("one-shot compensation needs the calibration samples it is fitted on")
+    n = heldout.shape[0]
+    groups = list(window_groups) if window_groups is not None else ["all"] * n
+    order = sorted(range(n), key=lambda i: (groups[:i + 1].count(groups[i]), groups.index(groups[i])))  # interleaved
+    first = sorted(order[0::3]) if halving and n >= 6 else list(range(n))
+    rest = sorted(set(range(n)) - set(first))
+    keeps = {name: plan.keep for name, (_, _, plan) in plans.items()}
+    got, stats = evaluate_candidates(dense, keeps, calibration, heldout[first], method, ridge, batch_size,
+                                     keep_stats=bool(rest))
+    values = {name: {k: v for k, v in got[name].items()} for name in keeps}
+    windows = {name: list(first) for name in keeps}
+    best = min(keeps, key=lambda name: float(values[name][criterion].mean()))
+    survivors = [name for name in keeps
+                 if name == best or not paired_worse(values[name][criterion], values[best][criterion], z)]
+    if rest and len(survivors) > 1:
+        more, _ = evaluate_candidates(dense, {name: keeps[name] for name in survivors}, calibration, heldout[rest],
+                                      method, ridge, batch_size, stats=stats)
+        for name in survivors:
+            values[name] = {k: torch.cat([values[name][k], more[name][k]]) for k in values[name]}
+            windows[name] = first + rest
+    for name, (_, _, plan) in plans.items():
+        row = rows[name]
+        for key in ("kl", "nll"):
+            row[key], row[f"{key}_se"] = _summary(values[name][key])
+        for g in dict.fromkeys(groups):
+            mine = [j for j, w in enumerate(windows[name]) if groups[w] == g]
+            if window_groups is not None and mine:
+                row[f"{g}_kl"] = float(values[name]["kl"][mine].mean())
+                row[f"{g}_nll"] = float(values[name]["nll"][mine].mean())
+        row.update(windows=len(windows[name]), dropped_early=name not in survivors,
+                   params_removed=plan.analysis["params_removed"], removed_layers=len(plan.analysis["removed_layers"]))
+        if log is not None:
+            log(row)
+    return min(survivors, key=lambda name: rows[name][criterion])
+
+
+def _one_by_one(dense, plans, rows, heldout, prune, batch_size, criterion, keep_model, log, audit):
+    """Each plan pruned by ``prune`` and measured on every window in turn; fills ``rows``; (chosen, model)."""
+    ref = heldout if isinstance(heldout, DenseReference) else dense_reference(dense, heldout, batch_size)
+    best = None
+    for name, (_, _, plan) in plans.items():
+        t0 = time.perf_counter()
+        row = rows[name]
         model = prune(dense, plan)
         values = heldout_criteria(model, ref, batch_size)
-        for name, extra in (audit or {}).items():
+        for extra_name, extra in (audit or {}).items():
             v = heldout_criteria(model, extra, batch_size)
-            row.update({f"{name}_kl": v["kl"], f"{name}_nll": v["nll"]})
-        row.update(values, params_removed=plan.analysis["params_removed"],
+            row.update({f"{extra_name}_kl": v["kl"], f"{extra_name}_nll": v["nll"]})
+        row.update(values, windows=ref.windows.shape[0], dropped_early=False,
+                   params_removed=plan.analysis["params_removed"],
                    removed_layers=len(plan.analysis["removed_layers"]), seconds=round(time.perf_counter() - t0, 1))
-        rows.append(row)
         if log is not None:
             log(row)
         if best is None or values[criterion] < best[0]:
-            best = (values[criterion], cand, config, plan, model if keep_model else None)
+            best = (values[criterion], name, model if keep_model else None)
         del model
-    if best is None:
-        raise ValueError(f"no candidate could be planned: {[r.get('error') for r in rows]}")
-    table = pd.DataFrame(rows)
-    table["chosen"] = table["candidate"] == best[1].name
-    return Selection(choice=best[1], config=best[2], plan=best[3], table=table, criterion=criterion, model=best[4])
+    return best[1], best[2]
 
 
 def oneshot_pruner(stats, method: str = "lstsq", ridge: float = 1e-2) -> PruneFn:

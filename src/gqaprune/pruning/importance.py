@@ -46,7 +46,7 @@ from gqaprune.models.groups import group_table, layer_shapes
 from gqaprune.models.modules import activation_checkpointing, check_finite_weights, watch_activations
 from gqaprune.models.units import ATTN, MLP, LayerShape
 from gqaprune.runtime.distributed import DistContext, single_process
-from gqaprune.runtime.placement import DTensor, full_tensor, is_sharded
+from gqaprune.runtime.placement import full_tensor, is_dtensor, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def _register_taps(projections, add, state: _Pass, stack: ExitStack) -> None:
         def on_backward(x: torch.Tensor, dy: torch.Tensor) -> None:
             if not state.active:  # a lock-step repeat: run, not counted
                 return
-            if isinstance(lin.weight, DTensor):
+            if is_dtensor(lin.weight):
                 raise RuntimeError(f"layer {layer} {member.name}: the weight is still sharded in backward")
             with torch.no_grad():
                 dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [tokens, out], [tokens, in]

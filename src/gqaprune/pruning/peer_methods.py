@@ -77,8 +77,9 @@ def get_strategy(name: str) -> Strategy:
 
 
 def prune_copy(dense, scores, similarity, counts, num_layers: int, strategy: Strategy, ratio: float,
-               stats=None, ridge: float = 1e-2):
-    """Plan ``strategy`` at ``ratio`` and return ``(pruned deep copy of dense, plan)``.
+               stats=None, ridge: float = 1e-2, plan_overrides: dict | None = None):
+    """Plan ``strategy`` at ``ratio`` (with ``plan_overrides``, e.g. an allocation's) and return
+    ``(pruned deep copy of dense, plan)``.
 
     ``stats`` are the compensation statistics of ``dense`` (:func:`gqaprune.pruning.compensation.collect_stats`),
     needed unless the strategy's compensation is 'none'.
@@ -89,7 +90,7 @@ def prune_copy(dense, scores, similarity, counts, num_layers: int, strategy: Str
     from gqaprune.pruning.plan import build_plan
     from gqaprune.pruning.surgery import prune_model
 
-    plan = build_plan(scores, similarity, counts, num_layers, strategy.plan_config(ratio))
+    plan = build_plan(scores, similarity, counts, num_layers, strategy.plan_config(ratio, **(plan_overrides or {})))
     model = copy.deepcopy(dense)
     if strategy.compensation != "none" and stats is None:
         raise ValueError(f"compensation {strategy.compensation!r} needs calibration statistics")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gqaprune.errors import NonFiniteError
 from gqaprune.models.adapters import get_adapter
-from gqaprune.models.modules import check_finite_weights, watch_activations
+from gqaprune.models.modules import check_finite_weights, decoder_and_head, watch_activations
 from gqaprune.pruning.importance import check_calibration
 from gqaprune.runtime.distributed import DistContext, single_process
 from gqaprune.runtime.placement import is_sharded, no_grad_mode
@@ -90,11 +90,15 @@ def block_similarity(model: nn.Module, samples: torch.Tensor, batch_size: int = 
                 layer.register_forward_hook(layer_out(i), with_kwargs=True),
             ):
                 stack.callback(handle.remove)
-        batches = ctx.batches(samples.shape[0], batch_size, lockstep=is_sharded(model))
+        sharded = is_sharded(model)
+        # the decoder alone: the LM head's logits ([batch, T, vocab]) are not needed here; an FSDP2 root must
+        # run whole (its forward gathers the embeddings)
+        run = model if sharded else decoder_and_head(model, strict=True)[0]
+        batches = ctx.batches(samples.shape[0], batch_size, lockstep=sharded)
         for rows, active in tqdm(batches, desc="similarity", disable=not (progress and ctx.is_main)):
             ids = samples[rows].to(device)
             counting[0] = active
-            model(input_ids=ids, use_cache=False)
+            run(input_ids=ids, use_cache=False)
             tokens += ids.numel() if active else 0
             flags = torch.stack([flag for flag, _ in checks])
             if not bool(flags.all()):

@@ -1,46 +1,15 @@
-"""LoRA recovery fine-tuning of a (pruned) causal LM on Alpaca-style instruction records.
+"""LoRA recovery fine-tuning of a (pruned) causal LM on instruction records, as the model is used.
 
-Prompt format (the Stanford Alpaca template)
---------------------------------------------
-A record ``{"instruction", "input", "output"}`` with a non-empty ``input`` becomes::
-
-    Below is an instruction that describes a task, paired with an input that provides further context.
-    Write a response that appropriately completes the request.
-
-    ### Instruction:
-    {instruction}
-
-    ### Input:
-    {input}
-
-    ### Response:
-    {output}</s>
-
-and one with an empty (or missing, or whitespace-only) ``input`` becomes::
-
-    Below is an instruction that describes a task.
-    Write a response that appropriately completes the request.
-
-    ### Instruction:
-    {instruction}
-
-    ### Response:
-    {output}</s>
-
-The first two lines shown are one line in the prompt, joined by a single space (wrapped here for
-width); ``</s>`` stands for the tokenizer's EOS token. The exact strings are
-:data:`PROMPT_WITH_INPUT` and :data:`PROMPT_NO_INPUT`.
-
-Tokenisation: the prompt (everything up to and including ``"### Response:\\n"``) is encoded with the
-tokenizer's default special tokens (a LLaMA-style tokenizer puts its BOS in front), the response
-``output`` is encoded on its own without special tokens, and the EOS id is appended:
-``input_ids = prompt_ids + response_ids + [eos]``. Encoding the two parts separately makes the loss
-mask exact and matches inference, where the prompt is encoded alone and the model continues it.
+Records are rendered as the model sees them (:mod:`gqaprune.data.instructions`): through the
+tokenizer's chat template when it has one (one user turn, then the assistant's answer with its
+end-of-turn marker), else in the Stanford Alpaca format with the EOS token after the answer.
 ``labels`` are ``input_ids`` with every prompt position set to ``-100``, so the loss covers only the
-response tokens and the EOS (labels are aligned with ``input_ids``; the shift happens in the loss).
-Examples are truncated to ``max_length`` tokens from the right; one whose prompt alone fills
-``max_length`` has nothing left to learn from and is dropped (with a warning). Batches are padded
-on the right to their longest example with ``attention_mask`` 0 and labels ``-100`` on the padding.
+answer tokens and its end marker (labels are aligned with ``input_ids``; the shift happens in the
+loss). Examples are cut to ``max_length`` tokens by :func:`gqaprune.data.instructions.encode_record`
+(the prompt from the left, the answer from the right); one with no answer token left is dropped (with
+a warning). Batches are padded on the right to their longest example with ``attention_mask`` 0 and
+labels ``-100`` on the padding. The held-out records that the evaluate stages score are never given
+to this module (:func:`gqaprune.data.instructions.split_records`).
 
 Training: plain torch loop, AdamW on the LoRA parameters only (weight decay 0), learning rate
 linearly warmed up over ``warmup_steps`` optimizer steps and then decayed linearly towards 0 at the
@@ -69,7 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqaprune.config.choices import DEFAULT_TARGET_MODULES
-from gqaprune.config.sections import FinetuneConfig
+from gqaprune.config.recovery_and_evaluation import FinetuneConfig
+from gqaprune.data.instructions import encode_record
 from gqaprune.models.modules import activation_checkpointing
 from gqaprune.runtime.distributed import DistContext, single_process
 from gqaprune.runtime.files import atomic_dir, write_json
@@ -80,81 +50,37 @@ log_ = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "IGNORE_INDEX",
-    "PROMPT_NO_INPUT",
-    "PROMPT_WITH_INPUT",
     "FinetuneConfig",
     "collate",
-    "encode_record",
+    "encode_example",
     "encode_records",
     "finetune_lora",
-    "format_prompt",
-    "instruction_loss",
     "merge_adapter",
     "save_adapter",
 ]
 
 IGNORE_INDEX = -100  # label value ignored by the loss (prompt and padding positions)
 
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
 # ----------------------------------------------------------------------------------------------
-# Data: prompt formatting, encoding, batching
+# Data: encoding, batching
 # ----------------------------------------------------------------------------------------------
 
 
-def format_prompt(record: Mapping[str, str]) -> str:
-    """The Alpaca prompt of a record, up to and including ``"### Response:\\n"`` (see the module doc)."""
-    try:
-        instruction = record["instruction"]
-    except KeyError:
-        raise ValueError(f"instruction record has no 'instruction': {dict(record)!r}") from None
-    extra = record.get("input") or ""
-    if extra.strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def _eos_id(tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; instruction tuning appends one to every response")
-    return int(eos)
-
-
-def encode_record(tokenizer, record: Mapping[str, str], max_length: int) -> dict[str, list[int]]:
-    """Encode one record as ``{"input_ids", "labels"}`` (lists of equal length <= ``max_length``).
-
-    ``input_ids = prompt_ids + response_ids + [eos]``; ``labels`` equal ``input_ids`` except that
-    the prompt positions are :data:`IGNORE_INDEX`. Truncated from the right to ``max_length``.
-    """
-    if "output" not in record:
-        raise ValueError(f"instruction record has no 'output': {dict(record)!r}")
-    eos = _eos_id(tokenizer)
-    prompt_ids = list(tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"])
-    response_ids = list(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
-    input_ids = (prompt_ids + response_ids + [eos])[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids + [eos])[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+def encode_example(tokenizer, record: Mapping[str, str], max_length: int) -> dict[str, list[int]]:
+    """One record as ``{"input_ids", "labels"}`` (lists of equal length <= ``max_length``), the prompt positions
+    of ``labels`` set to :data:`IGNORE_INDEX` (rendering and cut: :func:`gqaprune.data.instructions.encode_record`)."""
+    ids, n_prompt, _ = encode_record(tokenizer, record, max_length)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
 def encode_records(tokenizer, records: Sequence[Mapping[str, str]],
                    max_length: int) -> list[dict[str, list[int]]]:
-    """Encode records with :func:`encode_record`, dropping (and warning about) those with no response left.
+    """Encode records with :func:`encode_example`, dropping (and warning about) those with no response left.
 
     A label at position 0 is never predicted (nothing precedes it), so an example needs a supervised
     label at position >= 1 to contribute to the loss.
     """
-    examples = [encode_record(tokenizer, r, max_length) for r in records]
+    examples = [encode_example(tokenizer, r, max_length) for r in records]
     kept = [e for e in examples if any(lab != IGNORE_INDEX for lab in e["labels"][1:])]
     if len(kept) < len(examples):
         log_.warning("%d of %d instruction records have no response token within max_length=%d; dropped",
@@ -183,7 +109,11 @@ def collate(examples: Sequence[Mapping[str, list[int]]], pad_id: int) -> dict[st
 
 def _pad_id(tokenizer) -> int:
     """Padding id: the tokenizer's pad token, else EOS (padding is masked everywhere anyway)."""
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return int(tokenizer.eos_token_id)
 
 
 def _summed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
@@ -205,29 +135,6 @@ def _summed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor],
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@torch.no_grad()
-def instruction_loss(model: nn.Module, tokenizer, records: Sequence[Mapping[str, str]], max_length: int = 256,
-                     batch_size: int = 4) -> float:
-    """Mean cross-entropy per response token of ``model`` on ``records`` (the training objective).
-
-    Runs in eval mode (dropout off) and restores the model's train/eval mode afterwards.
-    """
-    examples = encode_records(tokenizer, records, max_length)
-    if not examples:
-        raise ValueError("no instruction record has a response token within max_length")
-    was_training = model.training
-    model.eval()
-    device, pad = _model_device(model), _pad_id(tokenizer)
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(examples), batch_size):
-            loss, n = _summed_loss(model, collate(examples[i:i + batch_size], pad), device)
-            total, count = total + float(loss), count + n
-    finally:
-        model.train(was_training)
-    return total / count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +188,10 @@ def _step_plan(micro: Sequence[Sequence[int]], ctx: DistContext) -> list[tuple[l
 
 
 def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, str]], config: FinetuneConfig,
-                  log: Callable[[int, float, float], None] | None = None, ctx: DistContext | None = None):
-    """LoRA-tune ``model`` on instruction ``records``; returns the peft model, in eval mode.
+                  log: Callable[[int, float, float], None] | None = None, ctx: DistContext | None = None,
+                  text_windows: torch.Tensor | None = None):
+    """LoRA-tune ``model`` on instruction ``records`` (and plain ``text_windows`` ``[n, T]``, every token
+    supervised: the text part of a recovery mix); returns the peft model, in eval mode.
 
     ``model`` is wrapped in place by peft's ``get_peft_model`` (task ``CAUSAL_LM``): LoRA layers are
     injected into every Linear whose name ends in one of ``config.target_modules``; a pruned layer
@@ -310,6 +219,8 @@ def finetune_lora(model: nn.Module, tokenizer, records: Sequence[Mapping[str, st
     ctx = ctx or single_process()
     records = list(records)[: config.n_records] if config.n_records is not None else list(records)
     examples = encode_records(tokenizer, records, config.max_length)
+    for row in (text_windows.tolist() if text_windows is not None else []):
+        examples.append({"input_ids": row[: config.max_length], "labels": row[: config.max_length]})
     if not examples:
         raise ValueError("no instruction record to train on (none given, or none has a response token "
                          "within finetune.max_length)")

@@ -17,6 +17,8 @@ parameter, the tensor itself otherwise) and runs sharded ranks in lock-step
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -24,20 +26,22 @@ from gqaprune.config.choices import PLACEMENTS
 from gqaprune.runtime.devices import device_memory_bytes
 from gqaprune.runtime.distributed import DistContext
 
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - a torch without distributed support
-    DTensor = ()  # type: ignore[assignment,misc]
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard). ``torch.distributed.tensor`` costs seconds to import and
+    only a sharded model needs it: until something imported it, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` holds DTensor parameters (FSDP2)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a parameter: all-gathered when it is a DTensor (collective), else ``t`` itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def gathered(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,7 +61,7 @@ def no_grad_mode(ctx: DistContext):
 
 def whole_linear(linear: nn.Linear) -> nn.Linear:
     """``linear`` itself, or a plain ``nn.Linear`` holding its gathered weight (and bias) when sharded (collective)."""
-    if not isinstance(linear.weight, DTensor):
+    if not is_dtensor(linear.weight):
         return linear
     bias = linear.bias
     return plain_linear(full_tensor(linear.weight.detach()), None if bias is None else full_tensor(bias.detach()))

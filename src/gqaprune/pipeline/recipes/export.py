@@ -4,7 +4,11 @@ Checked before any work: the source checkpoint exists, llama-cpp-python is impor
 quantised file is asked for. The main file keeps the exact pruned MLP widths; the quantised files are
 made from a temporary export whose MLP widths are padded with zero channels (outputs unchanged) to a
 multiple of ``export.ffn_multiple``, because llama.cpp quantises a matrix only when its rows fill
-whole blocks. The model card (README.md) carries the evaluate stage's perplexities.
+whole blocks. The model card (README.md) carries the evaluate stage's perplexities
+(``artifacts/evaluation/results.json``, which holds no timings). Refused before any work: results
+evaluated on another checkpoint than the one exported, a recovered model trained from another pruned
+model, and a ``model.json`` (whose base model the card names) of another model than the pruned one was
+made from.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from gqaprune.export.gguf import export_gguf
 from gqaprune.export.llama_cpp import llama_cpp_module, quantize_gguf
 from gqaprune.export.model_card import card_for_checkpoint, write_model_card
 from gqaprune.pipeline.artifacts import StageOutputs
-from gqaprune.pipeline.inputs import model_meta
+from gqaprune.pipeline.inputs import check_inputs, checkpoint_record, model_meta
 from gqaprune.pipeline.metrics import Timer, stage_metrics
-from gqaprune.pipeline.stages import EXPORT_DIR, FINETUNE_DIR, METRICS_DIR, PRUNED_DIR
+from gqaprune.pipeline.stages import EXPORT_DIR, FINETUNE_DIR, GENERATIONS, PRUNED_DIR, RESULTS
 from gqaprune.runtime.files import read_json, remove_path, write_json
 
 log = logging.getLogger("gqaprune")
@@ -39,6 +43,26 @@ def _source(params: Params):
     return PRUNED_DIR, "pruned"
 
 
+def _check_belongs(params: Params, kind: str) -> dict:
+    """The evaluation results, checked to describe the checkpoint exported (and the card's base model to be
+    the dense model it was pruned from)."""
+    pruned = checkpoint_record(PRUNED_DIR, "surgery")
+    if params.export.base_model is None:  # the card names model.json's base model
+        check_inputs(pruned.get("inputs"), f"pruned model {PRUNED_DIR} (its card would name the base model of "
+                     "artifacts/model.json)", "the stages after prepare (dvc repro), or prepare its model again",
+                     ("model",))
+    evaluation = read_json(RESULTS)
+    check_inputs(evaluation.get("inputs"), f"evaluation {RESULTS}", "evaluate",
+                 ("pruned", "finetune") if kind == "finetuned" else ("pruned",))
+    if kind == "finetuned":
+        check_inputs(read_json(FINETUNE_DIR / "status.json").get("inputs"), f"recovered model {FINETUNE_DIR}",
+                     "finetune", ("pruned",))
+        if "finetune" not in evaluation.get("inputs", {}):
+            raise InputError(f"{RESULTS} holds no perplexity of the recovered model {FINETUNE_DIR / 'merged'}; "
+                             "re-run evaluate")
+    return evaluation
+
+
 def run(params: Params, out: StageOutputs, ctx=None) -> None:
     """Write artifacts/export/: model-<dtype>.gguf, model-<type>.gguf per quantisation, README.md, export.json."""
     timer = Timer()
@@ -50,9 +74,9 @@ def run(params: Params, out: StageOutputs, ctx=None) -> None:
         stage_metrics(out, "export", timer, {"enabled": False})
         return
     source, kind = _source(params)
+    evaluation = _check_belongs(params, kind)
     if x.quantize:
         llama_cpp_module()  # fails now, with the install command, rather than after the export
-    evaluation = read_json(METRICS_DIR / "evaluate.json")
     files: dict[str, int] = {}
     with timer.phase("export"):
         report = export_gguf(source, target / f"model-{x.dtype}.gguf", x.dtype, name=f"{source.name}-{kind}")
@@ -66,8 +90,13 @@ def run(params: Params, out: StageOutputs, ctx=None) -> None:
                 files[path.name] = path.stat().st_size
             remove_path(padded)
     base = x.base_model or model_meta().get("base_model") or "unknown"
+    generations = None
+    if GENERATIONS.is_file():  # the side-by-side continuations travel with the card that links them
+        (target / GENERATIONS.name).write_bytes(GENERATIONS.read_bytes())
+        generations = GENERATIONS.name
     write_model_card(target, card_for_checkpoint(source, base_model=base, kind=kind, metrics=evaluation,
-                                                 gguf_files=files, name=f"{source.name}-{kind}"))
+                                                 gguf_files=files, name=f"{source.name}-{kind}",
+                                                 generations=generations))
     write_json(target / "export.json", {"enabled": True, "source": str(source), "kind": kind, "arch": report.arch,
                                         "files": files, "placeholders": report.placeholders,
                                         "warnings": report.warnings, "tokenizer_pre": report.tokenizer_pre})

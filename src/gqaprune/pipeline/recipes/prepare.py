@@ -1,7 +1,9 @@
 """Stage ``prepare``: the dense model (converted, downloaded, copied or referenced), its record, the corpora.
 
-Cheap checks come first (the model source, its config and weight files, the data folder and every
-corpus file), so a bad input fails in seconds, before any weight is read. A local (or downloaded)
+Cheap checks come first (the model source, which must lie outside the pipeline's outputs, its config
+and weight files, the data folder and every corpus file), so a bad input fails in seconds, before any
+weight is read or any output touched. ``model.json`` records the source's identity by content (as the
+``source`` stage computes it). A local (or downloaded)
 folder of safetensors already in ``prepare.dtype`` is referenced instead of copied: a 70B model is not
 duplicated on disk. The fingerprint is computed from the weight files (every value, rounded to
 bfloat16), which also refuses NaN / infinite weights; parameter counts come from the architecture
@@ -33,12 +35,12 @@ from gqaprune.models.sources import (
     write_reference,
 )
 from gqaprune.pipeline.artifacts import StageOutputs
-from gqaprune.pipeline.inputs import MODEL_RECORD
+from gqaprune.pipeline.inputs import MODEL_RECORD, SOURCE_DIGESTS, source_identity
 from gqaprune.pipeline.metrics import Timer, stage_metrics
 from gqaprune.pipeline.stages import CORPORA_DIR, MODEL_DIR, MODEL_INFO
 from gqaprune.runtime.devices import SAFETENSORS_DTYPES
 from gqaprune.runtime.distributed import DistContext
-from gqaprune.runtime.files import write_json
+from gqaprune.runtime.files import FileDigests, write_json
 from gqaprune.runtime.hub import hub_reachable
 
 log = logging.getLogger("gqaprune")
@@ -56,10 +58,31 @@ def _check_data_dir(params: Params) -> str | None:
     return mirror
 
 
+def corpora_used(params: Params) -> list[str]:
+    """Every corpus a later stage may read: the calibration and recovery mixes (``auto``: both mixes of
+    :mod:`gqaprune.config.choices`, the tokenizer decides later), the held-out corpora, the evaluation
+    corpora and the instruction records the evaluate stages score."""
+    from gqaprune.config.choices import AUTO_MIX_CHAT, AUTO_MIX_PLAIN
+
+    def mix(value) -> list[str]:
+        return [*AUTO_MIX_CHAT, *AUTO_MIX_PLAIN] if value == "auto" else list(value)
+
+    c, f, e = params.calibrate, params.finetune, params.evaluate
+    names = [*mix(c.mix), *e.datasets]
+    if c.heldout_windows and c.heldout_datasets != "auto":
+        names += c.heldout_datasets
+    if f.enabled:
+        names += mix(f.mix)
+    if e.instruction_records:
+        names.append(e.instruction_dataset)
+    return sorted(set(names))
+
+
 def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> None:
     """Write the dense model folder, its record (model.json) and the corpora snapshot."""
     timer = Timer()
     p = params.prepare
+    identity = source_identity(p.model)  # refuses a source inside the pipeline's outputs, before anything else
     kind, spec = classify_source(p.model)
     source = None
     if kind == "local":
@@ -68,12 +91,8 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
         config = load_config(source, p.trust_remote_code)
         get_adapter(config)  # an unsupported family fails here, before any weight is read
     mirror = _check_data_dir(params)
-    names = [params.calibrate.dataset, *params.evaluate.datasets]
-    if params.calibrate.heldout_windows:
-        names += params.calibrate.heldout_datasets
-    if params.finetune.enabled:
-        names += params.finetune.distill_corpora if params.finetune.method == "distill" else [params.finetune.dataset]
     with timer.phase("corpora"):
+        names = corpora_used(params)
         written = snapshot_corpora(sorted(set(names)), out(CORPORA_DIR), mirror)
 
     model_dir = out(MODEL_DIR)
@@ -92,7 +111,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
         with timer.phase("fingerprint"):
             fp = fingerprint_files(source, config)
         log.info("referencing %s (safetensors already in %s; not copied)", source, p.dtype)
-        write_reference(source, model_dir, fp)
+        write_reference(source, model_dir, fp, FileDigests(SOURCE_DIGESTS))
     else:
         if source is not None:  # convert the dtype (or other weight formats) into a copy
             log.info("loading %s as %s", source, p.dtype)
@@ -108,7 +127,8 @@ def run(params: Params, out: StageOutputs, ctx: DistContext | None = None) -> No
     adapter = get_adapter(config)
     geometry = adapter.geometry(config)
     counts = parameter_counts(meta_model(config, p.trust_remote_code), adapter, geometry)
-    info = {"source": p.model, "base_model": base_model_id(kind, spec, config), "fingerprint": fp,
+    info = {"source": p.model, "source_identity": {k: v for k, v in identity.items() if k != "files"},
+            "base_model": base_model_id(kind, spec, config), "fingerprint": fp,
             "geometry": geometry.to_dict(), "params": counts.to_dict(), "referenced": bool(reference),
             "corpora": written, "gqaprune_version": __version__}
     write_json(out(MODEL_INFO), info)

@@ -23,7 +23,8 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
                              gradient_checkpointing=s.gradient_checkpointing, ctx=ctx)
     if not ctx.is_main:  # every rank has the table; the main rank writes it
         return
-    provenance = {"fingerprint": fp, "params": dataclasses.asdict(s), "calibration": cal_meta,
+    provenance = {"fingerprint": fp, "inputs": {"model": fp, "calibration": cal_meta["id"]},
+                  "params": dataclasses.asdict(s), "calibration": cal_meta,
                   "param_counts": meta["params"], "num_layers": meta["geometry"]["num_layers"]}
     write_table(out(SCORES), table, provenance)
     stage_metrics(out, "score", timer, {"groups": len(table)}, ctx)

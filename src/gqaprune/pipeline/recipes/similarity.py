@@ -24,7 +24,7 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     if not ctx.is_main:  # every rank has the table; the main rank writes it
         return
     with timer.phase("write"):
-        write_table(out(SIMILARITY), table, {"fingerprint": fp, "params": dataclasses.asdict(s),
-                                             "calibration": cal_meta})
+        write_table(out(SIMILARITY), table, {"fingerprint": fp, "inputs": {"model": fp, "calibration": cal_meta["id"]},
+                                             "params": dataclasses.asdict(s), "calibration": cal_meta})
         plot_importance(table, out)
     stage_metrics(out, "similarity", timer, ctx=ctx)

@@ -1,4 +1,10 @@
-"""Stage ``surgery``: slice the dense model by the plan, refit output projections, save the checkpoint."""
+"""Stage ``surgery``: slice the dense model by the plan, refit output projections, save the checkpoint.
+
+The plan must have been made for the prepared model and (when the refit uses them) the calibration
+samples in ``artifacts/calibration``. The checkpoint's ``gqaprune_model.json`` records its own
+fingerprint and the ids it was made from (dense model, plan, calibration): what finetune, evaluate and
+export check.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,14 @@ from gqaprune.export.model_card import card_for_checkpoint, write_model_card
 from gqaprune.models.adapters import get_adapter
 from gqaprune.models.groups import parameter_counts
 from gqaprune.models.units import LayerKeep
-from gqaprune.pipeline.artifacts import ArtifactMismatchError, StageOutputs
-from gqaprune.pipeline.inputs import load_calibration, load_dense
+from gqaprune.pipeline.artifacts import StageOutputs
+from gqaprune.pipeline.inputs import (
+    check_inputs,
+    input_ids,
+    load_calibration,
+    load_dense,
+    write_checkpoint_record,
+)
 from gqaprune.pipeline.metrics import Timer, stage_metrics
 from gqaprune.pipeline.stages import MODEL_DIR, PLAN_DIR, PRUNED_DIR
 from gqaprune.pruning.compensation import compensate
@@ -33,11 +45,11 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     timer = Timer()
     s = params.surgery
     doc = read_json(PLAN_DIR / "plan.json")
+    reads = ("model",) if s.compensation == "none" else ("model", "calibration")
+    check_inputs(doc.get("inputs"), f"plan {PLAN_DIR / 'plan.json'}", "score, similarity, allocate and plan", reads)
+    inputs = input_ids(*reads, "plan")
     with timer.phase("load"):
         model, fp, meta = load_dense(params, s, ctx)
-    if doc.get("fingerprint") != fp:
-        raise ArtifactMismatchError(f"plan {PLAN_DIR / 'plan.json'} was made for model {doc.get('fingerprint')}, "
-                                    f"not for {MODEL_DIR} ({fp}); re-run score and plan")
     keep = {int(layer): LayerKeep(**k) for layer, k in doc["keep"].items()}
     replacements, done = None, None
     if s.compensation == "sequential":
@@ -60,6 +72,8 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     with timer.phase("save"):
         save_pruned(model, tokenizer, out(PRUNED_DIR), info, keep, replacements, ctx, layout_=layout)
     if ctx.is_main:
+        with timer.phase("fingerprint"):
+            write_checkpoint_record(out(PRUNED_DIR), inputs)
         write_model_card(out(PRUNED_DIR), card_for_checkpoint(out(PRUNED_DIR), base_model=meta.get("base_model")
                                                               or "unknown", kind="pruned", name=PRUNED_DIR.name))
     log.info("pruned model: %s parameters, %d layers (removed %s), standard config: %s",

@@ -1,0 +1,206 @@
+"""What pruned models can still do: calibration mixes x strategies x ratios, measured by the evaluate stages' suite.
+
+    # SmolLM2 (embedded), the calibration-mix study and the task table of the strategies at 20 % and 50 %
+    python benchmarks/tasks_quality.py run --model artifacts/model --out benchmarks/results/tasks_smollm2 \\
+        --mix text=wikitext2:1 --mix chat=wikitext2:1,alpaca:1 --mix chat+code=wikitext2:1,alpaca:1,code:1 \\
+        --strategies auto,llm-pruner,flap,wanda-sp,shortgpt --ratios 0.2,0.5 --humaneval 0
+    # a code model (README "Measured results" says where it comes from): HumanEval is the signal
+    python benchmarks/tasks_quality.py run --model /models/qwen2.5-coder-0.5b-instruct --out ... --humaneval 20 ...
+    python benchmarks/tasks_quality.py markdown --out benchmarks/results/tasks_smollm2 --out ...  # into QUALITY.md
+
+``run``: per mix, the calibration samples (the pipeline's ``calibrate.mix`` rule, 64 x 128 tokens), the
+held-out windows of the mix's corpora, the scores, layer similarity and compensation statistics; per ratio
+and strategy a pruned copy (``auto``: the allocate stage's choice on those held-out windows, one-shot least
+squares; the peers as :mod:`gqaprune.pruning.peer_methods` define them); every model is measured with
+:func:`gqaprune.evaluation.suite.evaluate_model` (perplexity, held-out instruction NLL, generation health,
+HumanEval) against the dense model's continuations. ``--recover lora:STEPS`` also recovers each ``auto``
+row with LoRA on the mix (the finetune stage's data rule). Rows go to ``rows.jsonl`` as they finish;
+the greedy continuations to ``texts.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneConfig
+from gqaprune.config.sections import PlanConfig
+from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, mixed_text_windows
+from gqaprune.evaluation.suite import evaluate_model, retention, scalars
+from gqaprune.models.adapters import get_adapter
+from gqaprune.models.groups import parameter_counts
+from gqaprune.models.loading import load_model, load_tokenizer
+from gqaprune.pruning.allocation import DEFAULT_CANDIDATES, select_allocation
+from gqaprune.pruning.compensation import collect_stats
+from gqaprune.pruning.importance import score_groups
+from gqaprune.pruning.peer_methods import STRATEGIES, prune_copy
+from gqaprune.pruning.similarity import block_similarity
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+BEGIN, END = "<!-- tasks:begin -->", "<!-- tasks:end -->"
+
+
+@app.callback()
+def _commands() -> None:
+    """Task quality benchmark: run, markdown."""
+
+
+def _mix(text: str) -> tuple[str, dict[str, float]]:
+    """``name=corpus:weight,corpus:weight`` -> (name, mix)."""
+    name, _, spec = text.partition("=")
+    return name, {k: float(w) for k, _, w in (part.partition(":") for part in spec.split(","))}
+
+
+def _write(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def _lora(model, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int):
+    """LoRA on the recovery mix (the finetune stage's rule), merged back into ``model``."""
+    from gqaprune.config.corpora import get_corpus
+    from gqaprune.data.instructions import instruction_records
+    from gqaprune.recovery.lora import finetune_lora, merge_adapter
+
+    instruct = {k: w for k, w in mix.items() if get_corpus(k).instructions}
+    text = {k: w for k, w in mix.items() if k not in instruct}
+    records = [r for name in instruct for r in instruction_records(name, "train", data_dir)]
+    windows = mixed_text_windows(tokenizer, text, seq_len, data_dir) if text else None
+    if windows is not None and records:
+        keep = round(len(records) * sum(text.values()) / sum(instruct.values()))
+        windows = windows[torch.linspace(0, len(windows) - 1, min(keep, len(windows))).round().long()]
+    config = FinetuneConfig(max_steps=steps, epochs=100.0, max_length=seq_len)
+    return merge_adapter(finetune_lora(model, tokenizer, records, config, text_windows=windows)).eval()
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("benchmarks/results/tasks_smollm2"),
+    data_dir: Annotated[str, typer.Option(help="Local corpora mirror.")] = "../shared/data",
+    mix: Annotated[list[str], typer.Option(help="name=corpus:weight,... (repeatable).")] = ("text=wikitext2:1",),
+    strategies: Annotated[str, typer.Option(help="auto and peer strategies.")] = "auto",
+    ratios: Annotated[str, typer.Option(help="Ratios of all parameters.")] = "0.2",
+    humaneval: Annotated[int, typer.Option(help="HumanEval problems (0: off).")] = 0,
+    instruction_records: Annotated[int, typer.Option(help="Held-out instruction records.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Perplexity tokens per corpus.")] = 4096,
+    recover: Annotated[str, typer.Option(help="lora:STEPS to recover the auto rows too ('' off).")] = "",
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+) -> None:
+    """Every mix x ratio x strategy, measured with the evaluate stages' suite."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    dense, tokenizer = load_model(model, device="cpu"), load_tokenizer(model)
+    adapter = get_adapter(dense.config)
+    geometry, counts = adapter.geometry(dense.config), parameter_counts(dense, adapter, adapter.geometry(dense.config))
+    e = EvaluateParams(datasets=["wikitext2", "ptb", "c4"], max_tokens=max_tokens, humaneval_problems=humaneval,
+                       instruction_records=instruction_records)
+    meta = {"model": model, "params": counts.total, "started": time.strftime("%Y-%m-%d %H:%M"), "humaneval": humaneval,
+            "instruction_records": instruction_records, "max_tokens": max_tokens, "threads": threads}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    t0 = time.perf_counter()
+    dense_result = evaluate_model(dense, tokenizer, e, data_dir)
+    ref = scalars(dense_result)
+    _write(out / "rows.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0, **ref, "s": time.perf_counter() - t0})
+    _write(out / "texts.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0,
+                                 "texts": dense_result.get("generation", {}).get("texts")})
+    for name, weights in (_mix(m) for m in mix):
+        samples, got = mixed_calibration_samples(tokenizer, weights, 64, 128, 0, data_dir)
+        held = torch.cat([heldout_windows(tokenizer, c, None, 16, 128, got.get(c, 0), 128, 0, data_dir=data_dir)
+                          for c in weights])
+        scores = score_groups(dense, samples, progress=False)
+        sim = block_similarity(dense, samples, progress=False)
+        stats = collect_stats(dense, samples, list(range(geometry.num_layers)), progress=False)
+        for ratio in (float(r) for r in ratios.split(",")):
+            for strategy in strategies.split(","):
+                t0 = time.perf_counter()
+                if strategy == "auto":
+                    sel = select_allocation(dense, scores, sim, counts, geometry.num_layers,
+                                            PlanConfig(ratio=ratio, temperature=0.0), held, None, DEFAULT_CANDIDATES,
+                                            calibration=samples)
+                    pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers,
+                                           STRATEGIES["ours"], ratio, stats, plan_overrides=sel.choice.plan)
+                    label = f"auto ({sel.choice.name})"
+                else:
+                    pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy],
+                                           ratio, stats)
+                    label = strategy
+                variants = [(label, pruned)]
+                if strategy == "auto" and recover:
+                    steps = int(recover.split(":")[1])
+                    variants.append((f"{label} + LoRA {steps}", _lora(pruned, tokenizer, weights, steps, data_dir,
+                                                                       128)))
+                for row_name, m in variants:
+                    result = evaluate_model(m, tokenizer, e, data_dir, reference=dense_result)
+                    s = scalars(result)
+                    _write(out / "rows.jsonl", {"mix": name, "strategy": row_name, "ratio": ratio, **s,
+                                                "retention": retention(s, ref), "s": time.perf_counter() - t0})
+                    _write(out / "texts.jsonl", {"mix": name, "strategy": row_name, "ratio": ratio,
+                                                 "texts": result.get("generation", {}).get("texts")})
+                    print(json.dumps({"mix": name, "strategy": row_name, "ratio": ratio,
+                                      "retention": retention(s, ref)}), flush=True)
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+
+
+def table(folder: Path) -> list[str]:
+    """The Markdown table of one results folder: every row's figures and what it keeps of the dense model's."""
+    meta = json.loads((folder / "meta.json").read_text())
+    rows = _rows(folder)
+    dense = next(r for r in rows if r["strategy"] == "dense")
+    has_he = bool(meta["humaneval"])
+    head = ["mix", "removed", "strategy", "WikiText-2 ppl", "instruction NLL", "loop rate", "distinct-2",
+            "agreement", *(["HumanEval"] if has_he else [])]
+    lines = [f"Model `{meta['model']}` ({meta['params']:,} parameters), {meta['started']}: perplexity on "
+             f"{meta['max_tokens']:,} spread tokens per corpus, NLL of {meta['instruction_records']} held-out "
+             "instruction answers under the chat template (x dense), greedy generation health on the fixed "
+             f"prompt set (loop rate in points over dense){', HumanEval pass@1 on the first ' if has_he else ''}"
+             f"{meta['humaneval'] if has_he else ''}{' problems (% of dense)' if has_he else ''}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        g, keep = r.get("generation", {}), r.get("retention", {})
+        cells = [r["mix"], f"{r['ratio']:.0%}" if r["ratio"] else "-", r["strategy"],
+                 f"{r['ppl']['wikitext2']:.2f}" + (f" ({keep['ppl_x_dense']['wikitext2']:.2f}x)" if keep else ""),
+                 f"{r['instruction_nll']:.3f}" + (f" ({keep['instruction_nll_x_dense']:.3f}x)" if keep else ""),
+                 f"{100 * g.get('loop_rate', 0):.0f} %" + (f" ({100 * keep['loop_rate_minus_dense']:+.0f})"
+                                                           if keep else ""),
+                 f"{g.get('distinct_2', 0):.2f}", f"{g['agreement']:.2f}" if "agreement" in g else "1.00"]
+        if has_he:
+            h = r.get("humaneval", {})
+            pct = keep.get("humaneval_pct_of_dense") if keep else None
+            cells.append(f"{h.get('passed', 0)}/{h.get('problems', 0)}" + (f" ({pct:.0f} %)" if pct is not None
+                                                                            else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    del dense
+    return lines
+
+
+@app.command()
+def markdown(
+    out: Annotated[list[Path], typer.Option(help="Results folders (one table each).")],
+    doc: Annotated[Path, typer.Option(help="The document whose tasks section is rewritten.")] = Path(
+        "benchmarks/QUALITY.md"),
+) -> None:
+    """Rewrite the tasks section of QUALITY.md (between its markers) from the recorded rows."""
+    body = ["## What the pruned models can still do (task table)", "",
+            "Made by `benchmarks/tasks_quality.py` (commands in its docstring).", ""]
+    for folder in out:
+        body += table(folder) + [""]
+    text = doc.read_text() if doc.exists() else ""
+    block = "\n".join([BEGIN, *body, END])
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    app()
