@@ -5,9 +5,10 @@ candidates advancing together layer by layer with successive halving (now).
         --out benchmarks/results/performance/allocation_smollm2.json
 
 ``--project``: a project folder after ``calibrate``, ``score`` and ``similarity`` (its ``artifacts/``). For each
-ratio both ways choose among the default candidates on the project's held-out windows with one-shot least
-squares; the JSON records each way's choice, every candidate's KL and the wall time of each way (the one-copy
-way includes its statistics pass; the layer-by-layer way gathers its statistics on the way).
+ratio both ways choose on the project's held-out windows with one-shot least squares: before, among all six
+named candidates, one pruned copy each (the stage as it was); now, among the four default ones. The JSON
+records each way's choice, every candidate's KL and the wall time of each way (the one-copy way includes
+its statistics pass; the layer-by-layer way gathers its statistics on the way).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     from gqaprune.pipeline.artifacts import read_table
     from gqaprune.pipeline.inputs import load_calibration, load_heldout, model_meta
     from gqaprune.pipeline.stages import MODEL_DIR, SCORES, SIMILARITY
-    from gqaprune.pruning.allocation import DEFAULT_CANDIDATES, oneshot_pruner, select_allocation
+    from gqaprune.pruning.allocation import ALL_CANDIDATES, DEFAULT_CANDIDATES, oneshot_pruner, select_allocation
     from gqaprune.pruning.compensation import collect_stats
 
     fp = model_meta()["fingerprint"]
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 stats = collect_stats(dense, samples, list(range(layers)), progress=False)
                 before = select_allocation(dense, scores, sim, counts, layers, base, heldout,
-                                           oneshot_pruner(stats), DEFAULT_CANDIDATES)
+                                           oneshot_pruner(stats), ALL_CANDIDATES)
                 row["before"] = {"s": round(time.perf_counter() - t0, 1), "chosen": before.choice.name,
                                  "kl": dict(zip(before.table["candidate"], before.table["kl"].round(5), strict=True))}
         result["rows"].append(row)

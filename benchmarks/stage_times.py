@@ -80,10 +80,45 @@ def make_model(preset: str, tokenizer_dir: Path, out: Path, device: str) -> dict
     save_model(model, out)
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
+    saved = time.perf_counter() - t0 - built
+    floors = measure_floors(model) if device != "cpu" else None
     del model
     if device != "cpu":
         torch.cuda.empty_cache()
-    return {"params": params, "build_s": round(built, 2), "save_s": round(time.perf_counter() - t0 - built, 2)}
+    return {"params": params, "build_s": round(built, 2), "save_s": round(saved, 2), "floors": floors}
+
+
+def measure_floors(model, seq_len: int = 128, batch: int = 16, repeats: int = 3) -> dict:
+    """The plain model's throughput on its device, the floors the stages are compared with (tokens/s):
+    ``forward`` (no grad, batch x seq_len windows, what evaluation and similarity do) and ``forward_backward``
+    (gradients of every weight, what Taylor scoring needs at least)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+
+    def timed(step) -> float:
+        step()  # warm-up: kernels chosen, allocator grown
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+        return batch * seq_len * repeats / (time.perf_counter() - t0)
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    def forward_backward():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    fwd = timed(forward)
+    model.requires_grad_(True)
+    fwd_bwd = timed(forward_backward)
+    model.requires_grad_(False)
+    return {"forward_tok_s": round(fwd), "forward_backward_tok_s": round(fwd_bwd), "seq_len": seq_len, "batch": batch}
 
 
 def _machine() -> dict:

@@ -20,6 +20,7 @@ the greedy continuations to ``texts.jsonl``.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def run(
     humaneval: Annotated[int, typer.Option(help="HumanEval problems (0: off).")] = 0,
     instruction_records: Annotated[int, typer.Option(help="Held-out instruction records.")] = 64,
     max_tokens: Annotated[int, typer.Option(help="Perplexity tokens per corpus.")] = 4096,
-    recover: Annotated[str, typer.Option(help="lora:STEPS to recover the auto rows too ('' off).")] = "",
+    recover: Annotated[str, typer.Option(help="lora:STEPS[,lora:STEPS] to recover the auto rows too ('' off).")] = "",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
 ) -> None:
     """Every mix x ratio x strategy, measured with the evaluate stages' suite."""
@@ -102,13 +103,21 @@ def run(
                        instruction_records=instruction_records)
     meta = {"model": model, "params": counts.total, "started": time.strftime("%Y-%m-%d %H:%M"), "humaneval": humaneval,
             "instruction_records": instruction_records, "max_tokens": max_tokens, "threads": threads}
+    done = _done(out, meta)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     t0 = time.perf_counter()
-    dense_result = evaluate_model(dense, tokenizer, e, data_dir)
-    ref = scalars(dense_result)
-    _write(out / "rows.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0, **ref, "s": time.perf_counter() - t0})
-    _write(out / "texts.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0,
-                                 "texts": dense_result.get("generation", {}).get("texts")})
+    if ("-", "dense", 0.0) in done:  # a resumed run: the dense figures and texts as recorded
+        ref = done[("-", "dense", 0.0)]
+        texts = next(json.loads(line)["texts"] for line in (out / "texts.jsonl").read_text().splitlines()
+                     if json.loads(line)["strategy"] == "dense")
+        dense_result = {"generation": {"texts": texts}}
+    else:
+        dense_result = evaluate_model(dense, tokenizer, e, data_dir)
+        ref = scalars(dense_result)
+        _write(out / "rows.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0, **ref,
+                                    "s": time.perf_counter() - t0})
+        _write(out / "texts.jsonl", {"mix": "-", "strategy": "dense", "ratio": 0.0,
+                                     "texts": dense_result.get("generation", {}).get("texts")})
     for name, weights in (_mix(m) for m in mix):
         samples, got = mixed_calibration_samples(tokenizer, weights, 64, 128, 0, data_dir)
         held = torch.cat([heldout_windows(tokenizer, c, None, 16, 128, got.get(c, 0), 128, 0, data_dir=data_dir)
@@ -118,6 +127,8 @@ def run(
         stats = collect_stats(dense, samples, list(range(geometry.num_layers)), progress=False)
         for ratio in (float(r) for r in ratios.split(",")):
             for strategy in strategies.split(","):
+                if strategy != "auto" and (name, strategy, ratio) in done:
+                    continue
                 t0 = time.perf_counter()
                 if strategy == "auto":
                     sel = select_allocation(dense, scores, sim, counts, geometry.num_layers,
@@ -130,20 +141,33 @@ def run(
                     pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy],
                                            ratio, stats)
                     label = strategy
-                variants = [(label, pruned)]
-                if strategy == "auto" and recover:
-                    steps = int(recover.split(":")[1])
-                    variants.append((f"{label} + LoRA {steps}", _lora(pruned, tokenizer, weights, steps, data_dir,
-                                                                       128)))
-                for row_name, m in variants:
+                lora_steps = [int(r.split(":")[1]) for r in recover.split(",") if r] if strategy == "auto" else []
+                for steps in [0, *lora_steps]:
+                    row_name = f"{label} + LoRA {steps}" if steps else label
+                    if (name, row_name, ratio) in done:
+                        continue
+                    # each recovery starts from the pruned model (a copy: LoRA merges into the model it trains)
+                    m = _lora(copy.deepcopy(pruned), tokenizer, weights, steps, data_dir, 128) if steps else pruned
                     result = evaluate_model(m, tokenizer, e, data_dir, reference=dense_result)
+                    row = {"mix": name, "strategy": row_name, "ratio": ratio}
                     s = scalars(result)
-                    _write(out / "rows.jsonl", {"mix": name, "strategy": row_name, "ratio": ratio, **s,
-                                                "retention": retention(s, ref), "s": time.perf_counter() - t0})
-                    _write(out / "texts.jsonl", {"mix": name, "strategy": row_name, "ratio": ratio,
-                                                 "texts": result.get("generation", {}).get("texts")})
-                    print(json.dumps({"mix": name, "strategy": row_name, "ratio": ratio,
-                                      "retention": retention(s, ref)}), flush=True)
+                    _write(out / "rows.jsonl", {**row, **s, "retention": retention(s, ref),
+                                                "s": time.perf_counter() - t0})
+                    _write(out / "texts.jsonl", {**row, "texts": result.get("generation", {}).get("texts")})
+                    print(json.dumps({**row, "retention": retention(s, ref)}), flush=True)
+
+
+def _done(out: Path, meta: dict) -> dict[tuple, dict]:
+    """Rows already recorded in ``out`` by a run of the same model and settings, by (mix, strategy, ratio)."""
+    old = out / "meta.json"
+    if not (out / "rows.jsonl").exists() or not old.exists():
+        return {}
+    same = ("model", "humaneval", "instruction_records", "max_tokens")
+    before = json.loads(old.read_text())
+    if any(before.get(k) != meta[k] for k in same):
+        raise SystemExit(f"{out} holds rows of other settings ({before}); give another --out")
+    meta["started"] = before["started"]
+    return {(r["mix"], r["strategy"], r["ratio"]): r for r in _rows(out)}
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -182,6 +206,26 @@ def table(folder: Path) -> list[str]:
     return lines
 
 
+def generations(folder: Path, strategy_prefix: str = "auto", ratio: float = 0.2, limit: int = 3) -> list[str]:
+    """A few greedy continuations side by side: dense, and the last row of ``folder`` at ``ratio`` whose strategy
+    starts with ``strategy_prefix`` (the recovered ``auto`` row when there is one), instruction prompts first."""
+    from gqaprune.data.prompts import CODE_PROMPTS, INSTRUCTION_PROMPTS
+    from gqaprune.evaluation.generation import side_by_side_markdown
+
+    rows = [json.loads(line) for line in (folder / "texts.jsonl").read_text().splitlines() if line.strip()]
+    dense = next(r for r in rows if r["strategy"] == "dense")["texts"]
+    picked = [r for r in rows if r["strategy"].startswith(strategy_prefix) and abs(r["ratio"] - ratio) < 1e-9]
+    if not dense or not picked:
+        return []
+    mine = picked[-1]
+    prompts = [*INSTRUCTION_PROMPTS[:limit], *CODE_PROMPTS[:1]]
+    doc = side_by_side_markdown(prompts, [*dense["instructions"][:limit], *dense["code"][:1]],
+                                [*mine["texts"]["instructions"][:limit], *mine["texts"]["code"][:1]],
+                                f"Side by side: dense and {mine['strategy']} at {ratio:.0%} ({mine['mix']} mix)")
+    # two levels down, so the document's headings nest under this section's
+    return [("##" + line) if line.startswith("#") else line for line in doc.splitlines()]
+
+
 @app.command()
 def markdown(
     out: Annotated[list[Path], typer.Option(help="Results folders (one table each).")],
@@ -193,6 +237,10 @@ def markdown(
             "Made by `benchmarks/tasks_quality.py` (commands in its docstring).", ""]
     for folder in out:
         body += table(folder) + [""]
+    if out:
+        body += ["Greedy continuations (128 new tokens, no stop sequence) from the first results folder: the "
+                 "first three instruction prompts and one code opening.", ""]
+        body += generations(out[0]) + [""]
     text = doc.read_text() if doc.exists() else ""
     block = "\n".join([BEGIN, *body, END])
     if BEGIN in text:

@@ -34,6 +34,10 @@ ALLOCATION_CANDIDATES: dict[str, dict] = {
     "T1": {"temperature": 1.0},
     "uniform": {"strategy": "uniform", "temperature": 0.0},
 }
+#: The candidates that ``allocate.mode: auto`` tries by default: the four that won at some ratio on SmolLM2
+#: (10-50 %, benchmarks/QUALITY.md). T1 (with tau at the 25th percentile) and uniform were never chosen and
+#: were far behind (1.2-1.9x the winner's KL); they stay above for users who list them.
+DEFAULT_ALLOCATION_CANDIDATES: tuple[str, ...] = ("T0", "T0.5-tauinf", "T1-tauinf", "T2-tauinf")
 #: what the allocation is judged by on held-out windows
 ALLOCATION_CRITERIA = ("kl", "nll")
 ALLOCATION_MODES = ("auto", "fixed")

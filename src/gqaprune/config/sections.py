@@ -153,7 +153,7 @@ class AllocateParams(Section):
     section: ClassVar[str] = "allocate"
     mode: str = "auto"
     criterion: str = "kl"
-    candidates: list[str] = field(default_factory=lambda: list(C.ALLOCATION_CANDIDATES))
+    candidates: list[str] = field(default_factory=lambda: list(C.DEFAULT_ALLOCATION_CANDIDATES))
     batch_size: int = 8
     dtype: str = "float32"
     device: str = "auto"

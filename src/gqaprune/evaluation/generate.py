@@ -39,7 +39,7 @@ from gqaprune.errors import InputError
 from gqaprune.runtime.distributed import DistContext, single_process
 from gqaprune.runtime.placement import is_sharded
 
-__all__ = ["cut_at_stop", "eos_token_ids", "greedy_generate", "prompt_ids"]
+__all__ = ["cut_at_stop", "eos_token_ids", "generation_batch", "greedy_generate", "prompt_ids"]
 
 
 class _StopStrings(StoppingCriteria):
@@ -86,6 +86,18 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+#: most rows of one generation batch that :func:`generation_batch` picks on its own
+WIDEST_BATCH = 32
+
+
+def generation_batch(batch_size: int, n_prompts: int) -> int:
+    """Rows per greedy batch: at least ``batch_size``, up to :data:`WIDEST_BATCH` when there are that many
+    prompts. A decoding step costs about as much for 32 rows as for 8 (it is bound by per-layer overheads, not
+    arithmetic, on a CPU and a GPU alike), and the cache of 32 rows of a few hundred tokens is small (an 8B
+    GQA model: ~2.5 GB at 600 tokens)."""
+    return max(batch_size, min(n_prompts, WIDEST_BATCH))
+
+
 def _device(model) -> torch.device:
     emb = model.get_input_embeddings()
     return emb.weight.device if emb is not None else next(model.parameters()).device
@@ -117,7 +129,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], config: Generation
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                    stop: Sequence[str] = (), ctx: DistContext | None = None, chat: bool = False,
+                    stop: Sequence[str] = (), ctx: DistContext | None = None, chat: bool | Sequence[bool] = False,
                     desc: str = "generate", progress: bool = True) -> list[str]:
     """Greedy continuations of ``prompts`` (protocol: module docstring), in the prompts' order.
 
@@ -130,7 +142,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         batch_size: prompts per ``generate`` call.
         stop: strings that end a continuation; the returned text stops before the first of them.
         ctx: default one process; on N ranks the prompts are split and every rank returns all texts.
-        chat: render each prompt as a user message through the chat template (when there is one).
+        chat: render each prompt as a user message through the chat template (when there is one); one flag
+            for all prompts or one per prompt.
         desc, progress: the progress bar (main rank only).
 
     Returns:
@@ -147,7 +160,10 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               eos_token_id=eos or None, pad_token_id=pad)
     mine = list(ctx.shard(len(prompts)))
-    encoded = {i: prompt_ids(tokenizer, prompts[i], chat) for i in mine}
+    flags = [chat] * len(prompts) if isinstance(chat, bool) else list(chat)
+    if len(flags) != len(prompts):
+        raise InputError(f"got {len(flags)} chat flags for {len(prompts)} prompts")
+    encoded = {i: prompt_ids(tokenizer, prompts[i], flags[i]) for i in mine}
     order = sorted(mine, key=lambda i: -len(encoded[i]))  # similar lengths together: less padding
     texts: dict[int, str] = {}
     was_training, own_config = model.training, model.generation_config

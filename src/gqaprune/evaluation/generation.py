@@ -39,7 +39,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from gqaprune.evaluation.generate import greedy_generate
+from gqaprune.evaluation.generate import generation_batch, greedy_generate
 from gqaprune.runtime.distributed import DistContext
 
 __all__ = ["agreement", "distinct_n", "generation_health", "loop_detected", "side_by_side_markdown"]
@@ -152,12 +152,12 @@ def generation_health(model, tokenizer, instruction_prompts: Sequence[str], code
         and "agreement_code"), "loops": {"instructions": [bool], "code": [bool]},
         "texts": {"instructions": [str], "code": [str]}}``.
     """
-    texts = {
-        "instructions": greedy_generate(model, tokenizer, list(instruction_prompts), max_new_tokens, batch_size,
-                                        ctx=ctx, chat=True, desc="instructions"),
-        "code": greedy_generate(model, tokenizer, list(code_prompts), max_new_tokens, batch_size, ctx=ctx,
-                                desc="code"),
-    }
+    # one greedy pass over every prompt, in wide batches (generation_batch says why)
+    prompts = list(instruction_prompts) + list(code_prompts)
+    found = greedy_generate(model, tokenizer, prompts, max_new_tokens, generation_batch(batch_size, len(prompts)),
+                            ctx=ctx, chat=[True] * len(instruction_prompts) + [False] * len(code_prompts),
+                            desc="generation")
+    texts = {"instructions": found[:len(instruction_prompts)], "code": found[len(instruction_prompts):]}
     loops = {kind: [loop_detected(t) for t in found] for kind, found in texts.items()}
     everything = texts["instructions"] + texts["code"]
     result = {

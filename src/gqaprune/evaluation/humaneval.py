@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 
 from gqaprune.data.humaneval import check_program, load_problems
-from gqaprune.evaluation.generate import greedy_generate
+from gqaprune.evaluation.generate import generation_batch, greedy_generate
 from gqaprune.evaluation.generation import loop_detected
 from gqaprune.evaluation.sandbox import SandboxLimits, check_isolation, run_programs
 from gqaprune.runtime.distributed import DistContext, single_process
@@ -42,7 +42,7 @@ def evaluate_humaneval(model, tokenizer, n_problems: int, max_new_tokens: int = 
         model, tokenizer: a causal LM (replicated on every rank) and its tokenizer.
         n_problems: how many problems, 1..164, first ones in file order.
         max_new_tokens: longest completion, in tokens.
-        batch_size: prompts per generation batch.
+        batch_size: fewest prompts per generation batch (see :func:`~gqaprune.evaluation.generate.generation_batch`).
         limits: the sandbox limits of each program (``require_no_network``: refuse to run without a
             network namespace; checked before anything is generated).
         ctx: default one process; on N ranks generation is split and every rank returns the result.
@@ -56,8 +56,8 @@ def evaluate_humaneval(model, tokenizer, n_problems: int, max_new_tokens: int = 
     problems = load_problems(n_problems)
     check_isolation(limits)  # every rank refuses alike, before spending time on generation
     start = time.monotonic()
-    completions = greedy_generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size,
-                                  stop=STOP, ctx=ctx, desc="humaneval")
+    completions = greedy_generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens,
+                                  generation_batch(batch_size, len(problems)), stop=STOP, ctx=ctx, desc="humaneval")
     generate_s = time.monotonic() - start
     result = None
     if ctx.is_main:

@@ -83,6 +83,9 @@ def instruction_nll(model, tokenizer, records: Sequence[Mapping[str, str]], max_
     ctx = ctx or single_process()
     encoded = [encode_record(tokenizer, r, max_length) for r in records]
     n = len(encoded)
+    # longest first, so a batch holds records of similar lengths (the padding costs as much as the tokens);
+    # every rank uses the same order, and each record's NLL does not depend on its batch mates
+    order = torch.tensor(sorted(range(n), key=lambda i: (-len(encoded[i][0]), i)), dtype=torch.long)  # [n]
     emb = model.get_input_embeddings()
     device = emb.weight.device if emb is not None else next(model.parameters()).device
     sharded = is_sharded(model)
@@ -94,10 +97,10 @@ def instruction_nll(model, tokenizer, records: Sequence[Mapping[str, str]], max_
     try:
         with no_grad_mode(ctx):
             for rows, active in ctx.batches(n, batch_size, lockstep=sharded):
-                batch = encoded[rows]
+                batch = [encoded[i] for i in order[rows]]
                 s, c = _batch_nll(model, split, [b[0] for b in batch], [b[1] for b in batch], device)
                 if active:
-                    sums[rows], counts[rows] = s.cpu(), c.cpu()
+                    sums[order[rows]], counts[order[rows]] = s.cpu(), c.cpu()
     finally:
         model.train(was_training)
     ctx.all_reduce_([sums, counts])  # disjoint shares: the sum is every record's value

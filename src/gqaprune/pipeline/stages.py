@@ -16,7 +16,7 @@ Layout (every path is a DVC output, cached; the recipes write them through
                                                      layer_summary.csv, pruning_analysis.json
     artifacts/pruned/                   surgery      pruned checkpoint
     artifacts/finetune/                 finetune     adapter/, merged/ (when asked), status.json
-    metrics/dense.json                  evaluate_dense  the dense model's perplexities (no timings)
+    metrics/dense.json                  evaluate_dense  the dense model's measures (no timings): perplexity, tasks...
     artifacts/evaluation/results.json   evaluate     perplexities and ratios (no timings): what export reads
     artifacts/export/                   export       model-<dtype>.gguf, model-<quant>.gguf, README.md (card)
     metrics/*.json, plots/*             metrics and plots for ``dvc exp show`` / ``dvc plots`` (no stage reads
@@ -66,7 +66,8 @@ class Stage:
     ``distributed.nproc_per_node`` x ``nnodes`` processes (:mod:`gqaprune.runtime.launch`); the others
     run on one (under torchrun: rank 0, the other ranks idle). ``always_changed``: DVC runs it at every
     ``repro`` (the ``source`` stage: it looks at a folder outside the project; its output changes only when
-    the folder's content does).
+    the folder's content does). ``switch``: a boolean param that turns the stage off; off, it records that
+    and starts no process, loads nothing.
     """
 
     name: str
@@ -78,6 +79,17 @@ class Stage:
     plots: tuple[tuple[str, str, str], ...] = ()
     multi_process: bool = False
     always_changed: bool = False
+    switch: str | None = None  # "section.key" of a boolean that turns the stage's work off (it then records only)
+
+    def loads_model(self, params) -> bool:
+        """Whether the stage, run with ``params``, loads the model (and so runs on every configured process): a
+        model stage whose ``switch`` is not off."""
+        if not self.multi_process:
+            return False
+        if self.switch is None:
+            return True
+        section, _, key = self.switch.partition(".")
+        return bool(getattr(getattr(params, section), key))
 
     @property
     def metrics(self) -> Path:
@@ -123,8 +135,9 @@ _STAGES = (  # in pipeline order
     Stage("finetune", "Recovery of the pruned model: LoRA on instruction data or distillation from the dense model.",
           (P.FinetuneParams,), ("finetune", "calibrate.seq_len", "calibrate.heldout_windows"),
           (PRUNED_DIR, CORPORA_DIR, *_MODEL, CALIBRATION_DIR), (FINETUNE_DIR,), (("finetune_loss", "step", "loss"),),
-          multi_process=True),
-    Stage("evaluate_dense", "Perplexity of the dense model (cached across experiments).",
+          multi_process=True, switch="finetune.enabled"),
+    Stage("evaluate_dense", "The dense model measured as evaluate measures the pruned one: perplexity, tasks, "
+          "HumanEval, instruction NLL, generation health (cached across experiments).",
           (P.EvaluateParams,), ("evaluate",), (*_MODEL, CORPORA_DIR), (DENSE_PPL,), multi_process=True),
     Stage("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
           (P.EvaluateParams,), ("evaluate",), (PRUNED_DIR, FINETUNE_DIR, PLAN_DIR, DENSE_PPL, CORPORA_DIR),

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqaprune.config.choices import ALLOCATION_CANDIDATES
+from gqaprune.config.choices import ALLOCATION_CANDIDATES, DEFAULT_ALLOCATION_CANDIDATES
 from gqaprune.config.sections import PlanConfig
 from gqaprune.models.modules import decoder_and_head
 from gqaprune.pruning.plan import Plan, build_plan
 
 CRITERIA = ("kl", "nll")
 
-__all__ = ["CRITERIA", "DEFAULT_CANDIDATES", "Candidate", "DenseReference", "Selection", "heldout_criteria",
-           "select_allocation"]
+__all__ = ["ALL_CANDIDATES", "CRITERIA", "DEFAULT_CANDIDATES", "Candidate", "DenseReference", "Selection",
+           "heldout_criteria", "select_allocation"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,11 @@ class Candidate:
 
 
 #: The default candidate allocations (all with Taylor importance, per-kind prior normalisation).
-DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(name, dict(plan))
-                                                   for name, plan in ALLOCATION_CANDIDATES.items())
+DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(name, dict(ALLOCATION_CANDIDATES[name]))
+                                                   for name in DEFAULT_ALLOCATION_CANDIDATES)
+#: Every named candidate (the defaults and the ones a user may add).
+ALL_CANDIDATES: tuple[Candidate, ...] = tuple(Candidate(name, dict(plan))
+                                               for name, plan in ALLOCATION_CANDIDATES.items())
 
 
 @dataclass
@@ -217,6 +220,7 @@ def _summary(values: torch.Tensor) -> tuple[float, float]:
 def _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_size, criterion, window_groups,
               halving, z, log) -> str:
     """Every plan measured on shared layer passes (successive halving); fills ``rows``; the chosen name."""
+    from gqaprune.pruning.compensation import default_stats_budget
     from gqaprune.pruning.layerwise_eval import evaluate_candidates, paired_worse
 
     if isinstance(heldout, DenseReference):
@@ -229,8 +233,12 @@ def _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_siz
     first = sorted(order[0::3]) if halving and n >= 6 else list(range(n))
     rest = sorted(set(range(n)) - set(first))
     keeps = {name: plan.keep for name, (_, _, plan) in plans.items()}
+    # the statistics of every layer are kept for the second round only where they fit (an 8B model's float64
+    # Grams take 57 GB): otherwise the second round passes the calibration samples through the model again
+    keep = bool(rest) and _stats_bytes(dense) <= default_stats_budget(next(dense.parameters()).device)
+    memo = {} if keep else None  # the refits too are kept where the statistics are (they are smaller)
     got, stats = evaluate_candidates(dense, keeps, calibration, heldout[first], method, ridge, batch_size,
-                                     keep_stats=bool(rest))
+                                     keep_stats=keep, refit_memo=memo)
     values = {name: {k: v for k, v in got[name].items()} for name in keeps}
     windows = {name: list(first) for name in keeps}
     best = min(keeps, key=lambda name: float(values[name][criterion].mean()))
@@ -238,7 +246,7 @@ def _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_siz
                  if name == best or not paired_worse(values[name][criterion], values[best][criterion], z)]
     if rest and len(survivors) > 1:
         more, _ = evaluate_candidates(dense, {name: keeps[name] for name in survivors}, calibration, heldout[rest],
-                                      method, ridge, batch_size, stats=stats)
+                                      method, ridge, batch_size, stats=stats, refit_memo=memo)
         for name in survivors:
             values[name] = {k: torch.cat([values[name][k], more[name][k]]) for k in values[name]}
             windows[name] = first + rest
@@ -256,6 +264,14 @@ def _streamed(dense, plans, rows, calibration, heldout, method, ridge, batch_siz
         if log is not None:
             log(row)
     return min(survivors, key=lambda name: rows[name][criterion])
+
+
+def _stats_bytes(model: nn.Module) -> int:
+    """Bytes of the float64 Gram matrices of every layer's output projections (an upper bound of what the
+    candidates' refits need)."""
+    from gqaprune.pruning.compensation import layer_stats_bytes
+
+    return sum(layer_stats_bytes(model, i) for i in range(model.config.num_hidden_layers))
 
 
 def _one_by_one(dense, plans, rows, heldout, prune, batch_size, criterion, keep_model, log, audit):

@@ -184,7 +184,7 @@ def collect_stats(model: nn.Module, samples: torch.Tensor, layers: Sequence[int]
     return stats
 
 
-def _stats_bytes(model: nn.Module, layer: int) -> int:
+def layer_stats_bytes(model: nn.Module, layer: int) -> int:
     """Bytes of the float64 Gram matrices that :func:`collect_stats` holds for one layer."""
     block = get_adapter(model.config).layers(model)[layer]
     return 8 * sum(layout.projection(block, kind, OUTPUT[kind].name).in_features ** 2
@@ -227,7 +227,7 @@ def compensate(model: nn.Module, keep: Mapping[int, LayerKeep], samples: torch.T
         max_stats_bytes = default_stats_budget(next(model.parameters()).device)
     chunks, current, used = [], [], 0
     for layer in sorted(keep):
-        size = _stats_bytes(model, layer)
+        size = layer_stats_bytes(model, layer)
         if current and used + size > max_stats_bytes:
             chunks.append(current)
             current, used = [], 0
@@ -270,18 +270,21 @@ def refit(linear: nn.Linear, kept: torch.Tensor, stats: InputStats, method: str,
         mean = stats.total / max(stats.tokens, 1)  # [in]
         bias = w[:, removed] @ mean[removed]  # [out]
     else:  # lstsq
-        g_kk = stats.gram[kept][:, kept]
+        g_k = stats.gram[kept]  # [|K|, in]
+        g_kk = g_k[:, kept]
         lam = (ridge + len(kept) / max(stats.tokens, 1)) * g_kk.diagonal().mean().clamp_min(1e-12)
-        rhs = stats.gram[kept] @ w.T + lam * w_k.T  # [|K|, out]
         g_kk.diagonal().add_(lam)
-        w_k = _solve_spd(g_kk, rhs).T
+        # argmin_W' |X_K W'^T - X W^T|^2 + lam |W' - W_K|^2 = W_K + (G_KK + lam)^-1 G_KR W_R^T: only the
+        # removed columns' product is formed ([|K|, |R|] @ [|R|, out], |R| << in), not G_K. @ W^T
+        w_k = w_k + _solve_spd(g_kk, g_k[:, removed] @ w[:, removed].T).T
     if linear.bias is not None:
         bias = linear.bias.detach().to(device=device, dtype=torch.float64) + (bias if bias is not None else 0)
     if not torch.isfinite(w_k).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise NonFiniteError("least-squares compensation produced non-finite weights; the calibration "
                              "activations are degenerate (check surgery.ridge and the calibration data)")
-    new = nn.Linear(len(kept), w.shape[0], bias=bias is not None, device=linear.weight.device,
-                    dtype=linear.weight.dtype)
+    # skip_init: no random initialisation of weights that are overwritten at once
+    new = torch.nn.utils.skip_init(nn.Linear, len(kept), w.shape[0], bias=bias is not None,
+                                   device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(w_k)
         if bias is not None:

@@ -101,8 +101,8 @@ class _Grams:
 @torch.inference_mode()
 def evaluate_candidates(dense: nn.Module, keeps: Mapping[str, Mapping[int, LayerKeep]], calibration: torch.Tensor,
                         heldout: torch.Tensor, method: str = "lstsq", ridge: float = 1e-2, batch_size: int = 8,
-                        stats: StatsCache | None = None, keep_stats: bool = False, head_chunk: int = 512
-                        ) -> tuple[CandidateScores, StatsCache | None]:
+                        stats: StatsCache | None = None, keep_stats: bool = False, head_chunk: int = 512,
+                        refit_memo: dict | None = None) -> tuple[CandidateScores, StatsCache | None]:
     """KL(dense || candidate) and NLL per held-out window for every candidate plan, on shared layer passes.
 
     Args:
@@ -113,6 +113,9 @@ def evaluate_candidates(dense: nn.Module, keeps: Mapping[str, Mapping[int, Layer
         method: ``lstsq``, ``bias`` or ``none`` (output compensation, as surgery applies it).
         stats: statistics of an earlier call (``keep_stats``) to reuse; the calibration stream is skipped.
         keep_stats: return the statistics of every refitted block (memory: their Gram matrices).
+        refit_memo: a dict the refitted output projections are kept in (key: layer, kind, kept groups) and
+            taken from; give the same dict to a later call with the same ``stats`` to skip their solves.
+            Without it the refits are still shared by the candidates that keep the same groups of a layer.
 
     Returns:
         (scores by candidate, the statistics or None).
@@ -144,6 +147,9 @@ def evaluate_candidates(dense: nn.Module, keeps: Mapping[str, Mapping[int, Layer
             layer_stats = {key: st for key, st in stats.items() if key[0] == i}
         for b, h in enumerate(ho_stream):
             ho_stream[b] = _layer_out(layer(h, **ho_kwargs[i][b]))
+        # a refit depends only on the layer's statistics and the kept groups: candidates that keep the same
+        # groups of this layer share it (and a later round reuses it through refit_memo)
+        memo = refit_memo if refit_memo is not None else {}
         for name, keep in keeps.items():
             k = keep.get(i)
             if k is None:
@@ -154,15 +160,20 @@ def evaluate_candidates(dense: nn.Module, keeps: Mapping[str, Mapping[int, Layer
                     kept = _partial(layer, k, kind, geometry.head_dim)
                     if kept is None or method == "none":
                         continue
-                    width = unit_width(OUTPUT[kind].unit, geometry.q_per_kv, geometry.head_dim)
-                    output = layout.projection(layer, kind, OUTPUT[kind].name)
-                    refits[kind] = refit(output, group_indices(kept, width), layer_stats[(i, kind)], method, ridge)
+                    key = (i, kind, tuple(kept))
+                    if key not in memo:
+                        width = unit_width(OUTPUT[kind].unit, geometry.q_per_kv, geometry.head_dim)
+                        output = layout.projection(layer, kind, OUTPUT[kind].name)
+                        memo[key] = refit(output, group_indices(kept, width), layer_stats[(i, kind)], method, ridge)
+                    refits[kind] = memo[key]
                 variant = pruned_layer(layer, k, refits, geometry.q_per_kv, geometry.head_dim)
             if variant is not None:
                 for b, h in enumerate(streams[name]):
                     streams[name][b] = _layer_out(variant(h, **ho_kwargs[i][b]))
         if keep_stats:
             kept_stats.update(layer_stats)
+        if refit_memo is None:
+            memo.clear()  # this layer's refits are installed in the candidates' variants, no longer needed
     scores = _criteria(adapter.final_norm(dense), adapter.lm_head(dense), heldout, ho_stream, streams, head_chunk)
     return scores, (kept_stats if keep_stats else None)
 

@@ -231,8 +231,9 @@ def _uniform_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.
     # per block: its units in ascending score order
     blocks: dict[tuple[int, str], list[int]] = {}
     unit_block = {}
+    layers, kinds = table["layer"].to_numpy(), table["kind"].astype(str).to_numpy()  # numpy: no per-row pandas
     for row in np.flatnonzero(valid):
-        unit_block.setdefault(int(unit_of[row]), (int(table["layer"].iat[row]), str(table["kind"].iat[row])))
+        unit_block.setdefault(int(unit_of[row]), (int(layers[row]), str(kinds[row])))
     for u in sorted(unit_block, key=lambda u: (unit_score[u], u)):
         blocks.setdefault(unit_block[u], []).append(u)
 

@@ -124,8 +124,8 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, w_k: torch.Tensor, tokens: i
 
 def _new_linear(like: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     """A Linear with ``weight`` [out, in] and ``like``'s bias, dtype and device."""
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=like.bias is not None, device=like.weight.device,
-                    dtype=like.weight.dtype)
+    new = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=like.bias is not None,
+                                   device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if like.bias is not None:

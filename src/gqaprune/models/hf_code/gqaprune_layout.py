@@ -168,9 +168,10 @@ def renumber_cache_slots(layers: nn.ModuleList) -> None:
 
 # --- reshaping blocks ---------------------------------------------------------------------------
 def _new_linear(like: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    """A fresh Linear of the given shape on ``like``'s device and dtype."""
+    """A fresh Linear of the given shape on ``like``'s device and dtype (uninitialised: its weights are always
+    written afterwards, and random initialisation of a large layer costs seconds)."""
     w = like.weight
-    return nn.Linear(in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
 
 
 def resize_block(layer: nn.Module, kind: str, groups: int, ratio: int, dim: int,

@@ -18,16 +18,16 @@ import pandas as pd
 from gqaprune.config.corpora import get_corpus
 from gqaprune.config.sections import Params
 from gqaprune.export.model_card import card_for_checkpoint, write_model_card
-from gqaprune.models.loading import load_model
 from gqaprune.pipeline.artifacts import StageOutputs, write_csv
 from gqaprune.pipeline.inputs import checkpoint_record, model_meta, write_checkpoint_record
 from gqaprune.pipeline.metrics import Timer, stage_metrics
 from gqaprune.pipeline.plots import plot_finetune_loss
 from gqaprune.pipeline.stages import CALIBRATION_DIR, CORPORA_DIR, FINETUNE_DIR, PLOTS_DIR, PRUNED_DIR
-from gqaprune.pruning.surgery import save_pruned
-from gqaprune.recovery.lora import finetune_lora, save_adapter
 from gqaprune.runtime.distributed import DistContext
 from gqaprune.runtime.files import content_id, write_json
+
+# transformers, peft and the model code are imported where recovery runs: a disabled finetune records that
+# it is off in well under a second (the runner starts no process group for it either)
 
 
 def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
@@ -36,8 +36,6 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     The merged model is written layer by layer (base weight + LoRA delta, as peft merges), so a
     sharded model is never gathered whole.
     """
-    from transformers import AutoTokenizer
-
     timer = Timer()
     f = params.finetune
     out(FINETUNE_DIR).mkdir(parents=True, exist_ok=True)
@@ -46,6 +44,12 @@ def run(params: Params, out: StageOutputs, ctx: DistContext) -> None:
     if f.enabled and f.method == "distill":
         _distill(params, out, ctx, loss_rows, pruned_fp)
     elif f.enabled:
+        from transformers import AutoTokenizer
+
+        from gqaprune.models.loading import load_model
+        from gqaprune.pruning.surgery import save_pruned
+        from gqaprune.recovery.lora import finetune_lora, save_adapter
+
         model = load_model(PRUNED_DIR, f.dtype, f.device, ctx, params.distributed.placement)
         tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
         records, windows = _lora_data(params, tokenizer)
@@ -121,7 +125,9 @@ def _distill(params: Params, out: StageOutputs, ctx: DistContext, loss_rows: lis
 
     from gqaprune.data.windows import mixed_text_windows
     from gqaprune.errors import InputError
+    from gqaprune.models.loading import load_model
     from gqaprune.pipeline.inputs import check_inputs, load_dense
+    from gqaprune.pruning.surgery import save_pruned
     from gqaprune.recovery.distill import DistillConfig, distill
 
     f = params.finetune
