@@ -204,5 +204,10 @@ def markdown(
         for name, v in sp.items():
             lines.append(f"| {name} | {v['tok_s_median']:.0f} | {', '.join(f'{x:.0f}' for x in v['tok_s'])} | "
                          f"{v['log_ppl_minus_first']:+.2e} |")
+    # the task table (benchmarks/tasks_quality.py markdown) lives between its markers: kept as it is
+    begin, end = "<!-- tasks:begin -->", "<!-- tasks:end -->"
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text and end in text:
+        lines += ["", text[text.index(begin):text.index(end) + len(end)]]
     doc.write_text("\n".join(lines) + "\n")
 

@@ -127,21 +127,24 @@ def run(
         stats = collect_stats(dense, samples, list(range(geometry.num_layers)), progress=False)
         for ratio in (float(r) for r in ratios.split(",")):
             for strategy in strategies.split(","):
-                if strategy != "auto" and (name, strategy, ratio) in done:
+                auto = strategy in ("auto", "auto-keep-attn")
+                if not auto and (name, strategy, ratio) in done:
                     continue
                 t0 = time.perf_counter()
-                if strategy == "auto":
-                    sel = select_allocation(dense, scores, sim, counts, geometry.num_layers,
+                if auto:
+                    # auto-keep-attn: the loop study's variant, every attention group scored above any channel
+                    table = _attention_kept(scores) if strategy == "auto-keep-attn" else scores
+                    sel = select_allocation(dense, table, sim, counts, geometry.num_layers,
                                             PlanConfig(ratio=ratio, temperature=0.0), held, None, DEFAULT_CANDIDATES,
                                             calibration=samples)
-                    pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers,
+                    pruned, _ = prune_copy(dense, table, sim, counts, geometry.num_layers,
                                            STRATEGIES["ours"], ratio, stats, plan_overrides=sel.choice.plan)
-                    label = f"auto ({sel.choice.name})"
+                    label = f"{strategy} ({sel.choice.name})"
                 else:
                     pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy],
                                            ratio, stats)
                     label = strategy
-                lora_steps = [int(r.split(":")[1]) for r in recover.split(",") if r] if strategy == "auto" else []
+                lora_steps = [int(r.split(":")[1]) for r in recover.split(",") if r] if auto else []
                 for steps in [0, *lora_steps]:
                     row_name = f"{label} + LoRA {steps}" if steps else label
                     if (name, row_name, ratio) in done:
@@ -155,6 +158,17 @@ def run(
                                                 "s": time.perf_counter() - t0})
                     _write(out / "texts.jsonl", {**row, "texts": result.get("generation", {}).get("texts")})
                     print(json.dumps({**row, "retention": retention(s, ref)}), flush=True)
+
+
+def _attention_kept(scores):
+    """The score table with every attention group above every MLP channel in every metric (so that a plan
+    removes MLP channels only, as long as the ratio can be met by them)."""
+    table = scores.copy()
+    metrics = [c for c in ("magnitude", "wanda", "taylor", "taylor_2nd", "fluctuation") if c in table.columns]
+    attn = table["kind"] == "attn"
+    top = (table[metrics].abs().max() * 1e3 + 1.0).to_numpy()  # [metrics]
+    table.loc[attn, metrics] = top[None, :].repeat(int(attn.sum()), axis=0)
+    return table
 
 
 def _done(out: Path, meta: dict) -> dict[tuple, dict]:

@@ -137,6 +137,23 @@ def test_frozen_layers_untouched_and_layer_strategy(scored):
     assert sorted(removed) == sorted(least)
 
 
+@pytest.mark.parametrize("strategy", ["hgsp", "uniform"])
+def test_prune_attention_false_keeps_every_attention_group(scored, strategy):
+    _, geo, counts, scores, sim = scored
+    scores = scores.copy()
+    scores.loc[scores["kind"] == "attn", "taylor"] = 0.0  # attention the least important: the first to go
+    both = build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.3, strategy=strategy, temperature=1.0))
+    assert both.table[both.table["kind"] == "attn"]["pruned"].any()
+    mlp_only = build_plan(scores, sim, counts, geo.num_layers,
+                          PlanConfig(ratio=0.3, strategy=strategy, temperature=1.0, prune_attention=False))
+    assert not mlp_only.table[mlp_only.table["kind"] == "attn"]["pruned"].any()
+    a = mlp_only.analysis
+    assert 0 <= a["target_params_removed"] - a["params_removed"] < 8 * geo.mlp_channel_cost
+    assert list(mlp_only.table.columns) == list(both.table.columns)  # no helper column leaks into the artifact
+    with pytest.raises(PlanError, match="prune_attention"):  # MLP channels alone cannot give 90 %
+        build_plan(scores, sim, counts, geo.num_layers, PlanConfig(ratio=0.9, prune_attention=False))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ratio=1.0), "plan.ratio"),
     (dict(ratio=0.0), "plan.ratio"),

@@ -219,6 +219,7 @@ class PlanConfig(Section):
     mlp_align: int = 8
     prior_norm: str = "kind"
     normalize: str = "none"
+    prune_attention: bool = True
 
     def rules(self):
         k = self.key
@@ -238,6 +239,7 @@ class PlanConfig(Section):
             choice(self.prior_norm, C.PRIOR_NORMS, k("prior_norm")),
             choice(self.normalize, C.NORMALIZATIONS, k("normalize")),
             rule(is_int(self.mlp_align) and self.mlp_align >= 1, k("mlp_align"), ">= 1", self.mlp_align),
+            rule(isinstance(self.prune_attention, bool), k("prune_attention"), "true or false", self.prune_attention),
         ]
 
     @property

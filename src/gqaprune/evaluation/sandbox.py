@@ -300,22 +300,24 @@ _PROBE_FS = (
 _PROBE_LIMITS = SandboxLimits(wall_s=30.0, cpu_s=10, memory_mb=1024, require_no_network=False)
 
 
+def _probe(program: str, what: str, net: bool, fs: bool) -> bool:
+    """Whether ``program`` passes under the isolation asked for (unguarded); what failed is logged."""
+    r = _run(program, _PROBE_LIMITS, net=net, fs=fs, guard=False)
+    if r.status != "passed":
+        log.debug("no %s for sandboxed programs: %s", what, r.detail)
+    return r.status == "passed"
+
+
 @functools.cache
 def network_isolation() -> bool:
     """True when programs can run in a network namespace of their own (probed once: only ``lo`` is seen)."""
-    r = _run(_PROBE_NET, _PROBE_LIMITS, net=True, fs=False, guard=False)
-    if r.status != "passed":
-        log.debug("no network namespace for sandboxed programs: %s", r.detail)
-    return r.status == "passed"
+    return _probe(_PROBE_NET, "network namespace", net=True, fs=False)
 
 
 @functools.cache
 def filesystem_isolation() -> bool:
     """True when programs can run with every mount read-only but their folder (probed once, unguarded)."""
-    r = _run(_PROBE_FS, _PROBE_LIMITS, net=False, fs=True, guard=False)
-    if r.status != "passed":
-        log.debug("no read-only mount namespace for sandboxed programs: %s", r.detail)
-    return r.status == "passed"
+    return _probe(_PROBE_FS, "read-only mount namespace", net=False, fs=True)
 
 
 _warned: set[str] = set()

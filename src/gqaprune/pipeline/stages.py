@@ -139,7 +139,8 @@ _STAGES = (  # in pipeline order
     Stage("evaluate_dense", "The dense model measured as evaluate measures the pruned one: perplexity, tasks, "
           "HumanEval, instruction NLL, generation health (cached across experiments).",
           (P.EvaluateParams,), ("evaluate",), (*_MODEL, CORPORA_DIR), (DENSE_PPL,), multi_process=True),
-    Stage("evaluate", "Perplexity of the pruned and finetuned models next to the dense one.",
+    Stage("evaluate", "The pruned and recovered models measured as evaluate_dense measures the dense one, with "
+          "retention (% of dense) and the generations side by side.",
           (P.EvaluateParams,), ("evaluate",), (PRUNED_DIR, FINETUNE_DIR, PLAN_DIR, DENSE_PPL, CORPORA_DIR),
           (EVALUATION_DIR,), multi_process=True),
     Stage("export", "GGUF export (and llama.cpp-quantised copies) of the recovered model, with its model card.",

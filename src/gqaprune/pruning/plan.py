@@ -79,7 +79,8 @@ def check_target(config: PlanConfig, counts: ParamCounts, num_layers: int, layer
         raise PlanError(
             f"plan.ratio={config.ratio} asks to remove {target:,} of {counts.total:,} parameters, but only "
             f"{available:,} are prunable outside the frozen layers ({available / counts.total:.1%} of the model); "
-            "lower the ratio or freeze fewer layers"
+            "lower the ratio or freeze fewer layers" + ("" if config.prune_attention else
+                                                       " (or set plan.prune_attention: true)")
         )
     return target
 
@@ -193,9 +194,14 @@ def build_plan(scores: pd.DataFrame, similarity: pd.DataFrame | None, counts: Pa
     if not np.isfinite(table["importance"]).all():
         raise PlanError(f"the {config.importance!r} importance column holds NaN or infinite values")
     layer_costs = np.bincount(table["layer"], weights=table["cost"], minlength=num_layers)
-    target = check_target(config, counts, num_layers, layer_costs)
+    # plan.prune_attention: false keeps every attention group (the group strategies only see MLP channels)
+    kept_kind = (table["kind"] != MLP).to_numpy() if not config.prune_attention and config.strategy != "layer" \
+        else np.zeros(len(table), dtype=bool)
+    prunable = np.bincount(table["layer"][~kept_kind], weights=table["cost"][~kept_kind], minlength=num_layers)
+    target = check_target(config, counts, num_layers, prunable)
     frozen = frozen_mask(num_layers, config)
     table["frozen"] = frozen[table["layer"].to_numpy()]
+    table["protected"] = kept_kind
     prior, multiplier, mode, tau = _priors(table, similarity, config, num_layers)
     table["prior"] = prior
     table["score"] = _base_scores(table, config) * multiplier
@@ -209,7 +215,7 @@ def build_plan(scores: pd.DataFrame, similarity: pd.DataFrame | None, counts: Pa
     else:
         pruned = _hgsp_select(table, config, target)
     table["pruned"] = pruned
-    return _finish(table, counts, num_layers, config, target, tau, mode)
+    return _finish(table.drop(columns="protected"), counts, num_layers, config, target, tau, mode)
 
 
 def _base_scores(table: pd.DataFrame, config: PlanConfig) -> np.ndarray:
@@ -225,7 +231,7 @@ def _base_scores(table: pd.DataFrame, config: PlanConfig) -> np.ndarray:
 
 def _uniform_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.ndarray:
     """Same fraction of groups per layer and kind (lowest scores first), then an exact top-up."""
-    eligible = ~table["frozen"].to_numpy()
+    eligible = ~(table["frozen"].to_numpy() | table["protected"].to_numpy())
     unit_of, unit_cost, unit_score = _units(table, eligible, config.mlp_align)
     valid = unit_of >= 0
     # per block: its units in ascending score order
@@ -259,7 +265,7 @@ def _uniform_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.
 
 def _hgsp_select(table: pd.DataFrame, config: PlanConfig, target: int) -> np.ndarray:
     """Global selection over units with epsilon collapse and re-balancing."""
-    eligible = ~table["frozen"].to_numpy()
+    eligible = ~(table["frozen"].to_numpy() | table["protected"].to_numpy())
     unit_of, unit_cost, unit_score = _units(table, eligible, config.mlp_align)
     n_units = len(unit_cost)
     # deterministic order: ascending score, ties by unit id (itself ordered by layer/kind/index)
