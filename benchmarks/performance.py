@@ -102,13 +102,28 @@ def table(doc: dict, run: dict) -> list[str]:
     for r in run["rows"]:
         lines.append(f"| {r['stage']} | {_fmt(r['process_s'])} | {_fmt(r['in_stage_s'])} | {_fmt(_outside(r))} | "
                      f"{_fmt(r['peak_rss_gib'], 2)} | {_fmt(r['peak_gpu_gib'], 2)} | {_phases(r)} |")
+    missing = run.get("incomplete")
+    if missing:  # a run stopped before its last stages: the totals below are lower bounds
+        lines += ["", f"Not run to the end: {', '.join(missing)} did not finish (the machine was needed for the "
+                      "quality runs); the totals below cover the stages above only, so they are lower bounds."]
+    perturbed = run.get("perturbed") or {}
+    if perturbed:  # stages timed under foreign load: their times are not measurements; totals without them
+        lines += ["", "Not measurements (the machine was shared): " + "; ".join(
+            f"`{stage}` {why}" for stage, why in perturbed.items()) + ". Their figures other than time are valid; "
+            "the totals below leave their times out, so they are lower bounds."]
+        clean = [r for r in run["rows"] if r["stage"] not in perturbed]
+        run = {**run, "pipeline_process_s": sum(r["process_s"] for r in clean),
+               "pipeline_without_finetune_process_s": sum(r["process_s"] for r in clean if r["stage"] != "finetune")}
+        missing = list(perturbed)
     lines += ["", f"Pipeline {run['pipeline_process_s']:.1f} s of process time "
                   f"({run['pipeline_without_finetune_process_s']:.1f} s without finetune); score to checkpoint "
                   f"{run['score_to_checkpoint_in_stage_s']:.1f} s in-stage.", "",
               "| target | measured | limit | met |", "|---|---:|---:|---|"]
     for label, value, limit, unit in TARGETS[kind(doc, run)]:
         got = value(run)
-        lines.append(f"| {label} | {got:,.1f} {unit} | {limit:,.1f} {unit} | {'yes' if got <= limit else 'no'} |")
+        bound = ">= " if missing else ""
+        met = "no" if got > limit else ("not known" if missing else "yes")
+        lines.append(f"| {label} | {bound}{got:,.1f} {unit} | {limit:,.1f} {unit} | {met} |")
     return lines + [""] + floors(run)
 
 

@@ -194,9 +194,10 @@ def table(folder: Path) -> list[str]:
     rows = _rows(folder)
     dense = next(r for r in rows if r["strategy"] == "dense")
     has_he = bool(meta["humaneval"])
-    head = ["mix", "removed", "strategy", "WikiText-2 ppl", "instruction NLL", "loop rate", "distinct-2",
-            "agreement", *(["HumanEval"] if has_he else [])]
-    lines = [f"Model `{meta['model']}` ({meta['params']:,} parameters), {meta['started']}: perplexity on "
+    head = ["mix", "removed", "strategy", "WikiText-2 ppl", "instruction NLL", "loop rate",
+            "loops: instructions / code", "distinct-2", "agreement", *(["HumanEval"] if has_he else [])]
+    lines = [f"### `{folder.name}`", "",
+             f"Model `{meta['model']}` ({meta['params']:,} parameters), {meta['started']}: perplexity on "
              f"{meta['max_tokens']:,} spread tokens per corpus, NLL of {meta['instruction_records']} held-out "
              "instruction answers under the chat template (x dense), greedy generation health on the fixed "
              f"prompt set (loop rate in points over dense){', HumanEval pass@1 on the first ' if has_he else ''}"
@@ -209,6 +210,7 @@ def table(folder: Path) -> list[str]:
                  f"{r['instruction_nll']:.3f}" + (f" ({keep['instruction_nll_x_dense']:.3f}x)" if keep else ""),
                  f"{100 * g.get('loop_rate', 0):.0f} %" + (f" ({100 * keep['loop_rate_minus_dense']:+.0f})"
                                                            if keep else ""),
+                 f"{100 * g.get('loop_rate_instructions', 0):.0f} % / {100 * g.get('loop_rate_code', 0):.0f} %",
                  f"{g.get('distinct_2', 0):.2f}", f"{g['agreement']:.2f}" if "agreement" in g else "1.00"]
         if has_he:
             h = r.get("humaneval", {})

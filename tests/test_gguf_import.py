@@ -31,7 +31,8 @@ def test_f32_export_reads_back_exactly(tmp_path, preset):
                 "num_key_value_heads", "tie_word_embeddings"):
         assert getattr(config, key) == getattr(model.config, key), key
     assert abs(config.rms_norm_eps - model.config.rms_norm_eps) < 1e-9
-    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    tied = config.tie_word_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and tied)}
     assert set(state) == set(expected)
     for name, value in expected.items():
         assert torch.equal(state[name], value.float()), name
