@@ -31,7 +31,7 @@ import typer
 
 from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneConfig
 from gqaprune.config.sections import PlanConfig
-from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, mixed_text_windows
+from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, recovery_data
 from gqaprune.evaluation.suite import evaluate_model, retention, scalars
 from gqaprune.models.adapters import get_adapter
 from gqaprune.models.groups import parameter_counts
@@ -63,18 +63,10 @@ def _write(path: Path, row: dict) -> None:
 
 
 def _lora(model, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int):
-    """LoRA on the recovery mix (the finetune stage's rule), merged back into ``model``."""
-    from gqaprune.config.corpora import get_corpus
-    from gqaprune.data.instructions import instruction_records
+    """LoRA on the recovery mix (the finetune stage's data rule), merged back into ``model``."""
     from gqaprune.recovery.lora import finetune_lora, merge_adapter
 
-    instruct = {k: w for k, w in mix.items() if get_corpus(k).instructions}
-    text = {k: w for k, w in mix.items() if k not in instruct}
-    records = [r for name in instruct for r in instruction_records(name, "train", data_dir)]
-    windows = mixed_text_windows(tokenizer, text, seq_len, data_dir) if text else None
-    if windows is not None and records:
-        keep = round(len(records) * sum(text.values()) / sum(instruct.values()))
-        windows = windows[torch.linspace(0, len(windows) - 1, min(keep, len(windows))).round().long()]
+    records, windows = recovery_data(tokenizer, mix, seq_len, data_dir)
     config = FinetuneConfig(max_steps=steps, epochs=100.0, max_length=seq_len)
     return merge_adapter(finetune_lora(model, tokenizer, records, config, text_windows=windows)).eval()
 

@@ -276,3 +276,21 @@ def mixed_text_windows(tokenizer, mix: dict[str, float], seq_len: int, data_dir:
         pick = torch.linspace(0, len(w) - 1, counts[name], dtype=torch.float64).round().long() if counts[name] else []
         parts.append(w[pick])
     return torch.cat(parts)
+
+
+def recovery_data(tokenizer, mix: dict[str, float], seq_len: int, data_dir: str | os.PathLike | None = None,
+                  exclude: torch.Tensor | None = None) -> tuple[list, torch.Tensor | None]:
+    """(instruction records, text windows ``[n, seq_len]`` or None) of a recovery mix: an instruction corpus
+    gives its training records (held-out records never), a text corpus windows of its calibration split
+    (``exclude``: the held-out windows, never trained on), the text share of the examples matching the text
+    corpora's share of the weight."""
+    from gqaprune.data.instructions import instruction_records
+
+    instruct = {k: w for k, w in mix.items() if get_corpus(k).instructions}
+    text = {k: w for k, w in mix.items() if k not in instruct}
+    records = [r for name in instruct for r in instruction_records(name, "train", data_dir)]
+    windows = mixed_text_windows(tokenizer, text, seq_len, data_dir, exclude) if text else None
+    if windows is not None and records:
+        keep = round(len(records) * sum(text.values()) / sum(instruct.values()))
+        windows = windows[torch.linspace(0, len(windows) - 1, min(keep, len(windows))).round().long()]
+    return records, windows

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gqaprune.config.corpora import get_corpus
 from gqaprune.config.sections import Params
 from gqaprune.export.model_card import card_for_checkpoint, write_model_card
 from gqaprune.pipeline.artifacts import StageOutputs, write_csv
@@ -98,25 +97,11 @@ def _heldout():
 
 
 def _lora_data(params: Params, tokenizer):
-    """(instruction records, text windows or None) of the recovery mix: an instruction corpus gives its
-    training records (held-out records never), a text corpus windows of its calibration split (held-out
-    windows never), the text share matching the weights."""
-    import torch
+    """(instruction records, text windows or None) of the recovery mix (:func:`gqaprune.data.windows.recovery_data`),
+    the held-out calibration windows excluded."""
+    from gqaprune.data.windows import recovery_data
 
-    from gqaprune.data.instructions import instruction_records
-    from gqaprune.data.windows import mixed_text_windows
-
-    mix = _recovery_mix(params)
-    instruct = {k: w for k, w in mix.items() if get_corpus(k).instructions}
-    text = {k: w for k, w in mix.items() if k not in instruct}
-    records = [r for name in instruct for r in instruction_records(name, "train", CORPORA_DIR)]
-    windows = None
-    if text:
-        windows = mixed_text_windows(tokenizer, text, params.calibrate.seq_len, CORPORA_DIR, _heldout())
-        if records:  # the text windows' share of the examples is the text corpora's share of the weight
-            keep = round(len(records) * sum(text.values()) / sum(instruct.values()))
-            windows = windows[torch.linspace(0, len(windows) - 1, min(keep, len(windows))).round().long()]
-    return records, windows
+    return recovery_data(tokenizer, _recovery_mix(params), params.calibrate.seq_len, CORPORA_DIR, _heldout())
 
 
 def _distill(params: Params, out: StageOutputs, ctx: DistContext, loss_rows: list[dict], pruned_fp: str) -> None:
