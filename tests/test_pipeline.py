@@ -87,16 +87,21 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
 
 
 def _process_running(command: str, group: int) -> int | None:
-    """The pid of a process of process group ``group`` whose command line holds ``command``, if one runs."""
+    """The pid of the Python process of process group ``group`` whose arguments hold ``command``, if one runs.
+
+    Only a Python interpreter counts: DVC may start the stage through ``sh -c "python stages/..."``, and a shell
+    that does not exec its command also holds ``command`` in its arguments; killing the shell would leave the stage
+    running on, writing its outputs after the test has restored them."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[2]) == group and command in cmdline:  # field 5: the group
+        if (argv and Path(argv[0]).name.startswith("python") and command in argv
+                and int(stat.rsplit(")", 1)[1].split()[2]) == group):  # field 5: the process group
             return int(entry.name)
     return None
 
@@ -215,7 +220,8 @@ def test_dvc_pipeline_end_to_end(repo: Repo):
     assert not (root / "artifacts/plan").exists()
     repo.dvc_("checkout", "plan")
     assert {p: tree_bytes(root / p) for p in kept} == kept  # every output back, metrics and plots included
-    assert changed_stages(repo.dvc_("status")) == set()
+    status = repo.dvc_("status")
+    assert changed_stages(status) == set(), status
 
     # 3. a finetune param re-runs finetune, evaluate and export only (dense ppl comes from metrics/dense.json)
     params = repo.params()
