@@ -1,8 +1,9 @@
-"""Writes ``benchmarks/PERFORMANCE.md`` from the JSON files of ``benchmarks/stage_times.py``.
+"""Writes ``benchmarks/PERFORMANCE.md`` from the JSON files of ``benchmarks/stage_times.py`` (and of
+``benchmarks/allocation_speed.py``: the allocate stage's choices before and now).
 
     python benchmarks/performance.py benchmarks/results/performance/cpu_smollm2.json \\
         benchmarks/results/performance/cpu_qwen2.5-coder-0.5b.json \\
-        benchmarks/results/performance/h100_llama3-8b.json benchmarks/results/performance/h200_llama3-8b.json
+        benchmarks/results/performance/h100_llama3-8b.json benchmarks/results/performance/allocation_smollm2.json
 
 Per run: one row per stage (process wall time, the stage's own timer, what the process spent outside it:
 interpreter start, imports, params; peak resident memory; peak GPU memory), the totals the speed issue names,
@@ -127,13 +128,35 @@ def table(doc: dict, run: dict) -> list[str]:
     return lines + [""] + floors(run)
 
 
+def allocation_table(doc: dict, path: Path) -> list[str]:
+    """The allocate stage's choice per ratio, before (one pruned copy per candidate, all six) and now (the
+    default candidates on shared layer passes), from a ``benchmarks/allocation_speed.py`` JSON file."""
+    lines = [f"### allocate, before and now: {path.name}", "",
+             f"{doc['started']}, {doc['threads']} threads, {doc['heldout_windows']} held-out windows.", "",
+             "| ratio | chosen before | chosen now | same | before s | now s | KL of the choice (before / now) |",
+             "|---:|---|---|---|---:|---:|---|"]
+    for row in doc["rows"]:
+        now, before = row["now"], row.get("before")
+        if before is None:
+            chosen = now["chosen"]
+            lines.append(f"| {row['ratio']:.0%} | | {chosen} | | | {now['s']:.1f} | {now['kl'][chosen]} |")
+            continue
+        lines.append(f"| {row['ratio']:.0%} | {before['chosen']} | {now['chosen']} | "
+                     f"{'yes' if before['chosen'] == now['chosen'] else 'no'} | {before['s']:.1f} | {now['s']:.1f} | "
+                     f"{before['kl'][before['chosen']]} / {now['kl'][now['chosen']]} |")
+    return lines + [""]
+
+
 def render(paths: list[Path]) -> str:
-    """PERFORMANCE.md: the notes, then every run of every JSON file."""
+    """PERFORMANCE.md: the notes, then every run of every JSON file (stage_times or allocation_speed)."""
     notes = (HERE / "performance_notes.md").read_text().rstrip()
     body = [notes, "", "## Generated tables", "",
             f"Made by `python benchmarks/performance.py {' '.join(str(p) for p in paths)}`.", ""]
     for path in paths:
         doc = json.loads(path.read_text())
+        if "runs" not in doc:
+            body += allocation_table(doc, path)
+            continue
         for run in doc["runs"]:
             body += table(doc, run)
     return "\n".join(body).rstrip() + "\n"
