@@ -121,8 +121,13 @@ def test_an_overflow_fails_naming_the_dataset_and_the_fix(project, capsys, monke
 
 # --- one writer per output; SIGTERM / SIGINT clean up and say so; SIGKILL litter goes at the next run -------------
 def _stage_process(project: Path, stage: str, *overrides: str) -> subprocess.Popen:
-    """The stage in a subprocess whose plot writer (called after the other outputs are staged) waits for a kill."""
-    code = ("import sys, time; import gqaprune.pipeline.recipes.plan as r\n"
+    """The stage in a subprocess whose plot writer (called after the other outputs are staged) waits for a kill.
+
+    The child takes Python's own SIGINT handler first, as a process started from a terminal has it: under a
+    non-interactive shell's background job (``pytest ... &``) SIGINT is inherited as ignored, and Python then
+    leaves it ignored."""
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import gqaprune.pipeline.recipes.plan as r\n"
             "def wait(*a, **k):\n    open('staged', 'w').close(); time.sleep(120)\n"
             "r.plot_kept_fraction = wait\n"
             "from gqaprune.pipeline.runner import execute; from pathlib import Path\n"
