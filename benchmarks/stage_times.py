@@ -15,7 +15,8 @@ phases from ``metrics/<stage>.json``, the peak resident memory of the stage proc
 ``--preset tiny-llama-gqa4 --params gpu --device cpu --ratio 0.01`` runs the GPU sequence on a CPU in a minute (a dry
 run of the script itself). ``-S section.key=value`` overrides params (repeatable). A preset's folder is deleted after
 its run (an 8B model and its pruned copy take ~27 GB of disk). ``benchmarks/performance.py`` turns the JSON files
-into ``benchmarks/PERFORMANCE.md``.
+into ``benchmarks/PERFORMANCE.md``. On a machine that gets a copy of the tree, set ``GQAPRUNE_COMMIT`` to the commit
+it holds (the copy's git may name an older one).
 """
 
 from __future__ import annotations
@@ -137,11 +138,15 @@ def _machine() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_mib=props.total_memory // 2**20, gpus=torch.cuda.device_count())
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True).stdout.strip() or None
-    except OSError:
-        info["commit"] = None
+    # $GQAPRUNE_COMMIT names the code where git cannot: a device machine gets a copy of the working tree whose
+    # .git may be stale (two committed H100 runs recorded an older commit than the tree they ran)
+    info["commit"] = os.environ.get("GQAPRUNE_COMMIT")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                            text=True).stdout.strip() or None
+        except OSError:
+            info["commit"] = None
     return info
 
 
