@@ -31,7 +31,7 @@ import typer
 
 from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneConfig
 from gqaprune.config.sections import PlanConfig
-from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, recovery_data
+from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, mixed_text_windows, recovery_data
 from gqaprune.evaluation.suite import evaluate_model, retention, scalars
 from gqaprune.models.adapters import get_adapter
 from gqaprune.models.groups import parameter_counts
@@ -71,6 +71,16 @@ def _lora(model, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int):
     return merge_adapter(finetune_lora(model, tokenizer, records, config, text_windows=windows)).eval()
 
 
+def _distill(model, teacher, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int, exclude):
+    """Distillation from the dense ``teacher`` on windows of the recovery mix (the finetune stage's
+    ``method: distill`` with its default settings: every weight trained, lr 2e-4, 8 windows a step)."""
+    from gqaprune.recovery.distill import DistillConfig, distill
+
+    windows = mixed_text_windows(tokenizer, mix, seq_len, data_dir, exclude)
+    config = DistillConfig(mode="full", lr=2e-4, batch_size=8, max_steps=steps, max_seconds=None)
+    return distill(model, teacher, windows, config).eval()
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Option(help="Dense model folder.")] = "artifacts/model",
@@ -82,7 +92,8 @@ def run(
     humaneval: Annotated[int, typer.Option(help="HumanEval problems (0: off).")] = 0,
     instruction_records: Annotated[int, typer.Option(help="Held-out instruction records.")] = 64,
     max_tokens: Annotated[int, typer.Option(help="Perplexity tokens per corpus.")] = 4096,
-    recover: Annotated[str, typer.Option(help="lora:STEPS[,lora:STEPS] to recover the auto rows too ('' off).")] = "",
+    recover: Annotated[str, typer.Option(
+        help="lora:STEPS / distill:STEPS, comma-separated, to recover the auto rows too ('' off).")] = "",
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
 ) -> None:
     """Every mix x ratio x strategy, measured with the evaluate stages' suite."""
@@ -136,13 +147,18 @@ def run(
                     pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy],
                                            ratio, stats)
                     label = strategy
-                lora_steps = [int(r.split(":")[1]) for r in recover.split(",") if r] if auto else []
-                for steps in [0, *lora_steps]:
-                    row_name = f"{label} + LoRA {steps}" if steps else label
+                recoveries = [(r.split(":")[0], int(r.split(":")[1])) for r in recover.split(",") if r] if auto else []
+                for method, steps in [("none", 0), *recoveries]:
+                    row_name = f"{label} + {'LoRA' if method == 'lora' else method} {steps}" if steps else label
                     if (name, row_name, ratio) in done:
                         continue
-                    # each recovery starts from the pruned model (a copy: LoRA merges into the model it trains)
-                    m = _lora(copy.deepcopy(pruned), tokenizer, weights, steps, data_dir, 128) if steps else pruned
+                    # each recovery starts from the pruned model (a copy: both merge into the model they train)
+                    if method == "lora":
+                        m = _lora(copy.deepcopy(pruned), tokenizer, weights, steps, data_dir, 128)
+                    elif method == "distill":
+                        m = _distill(copy.deepcopy(pruned), dense, tokenizer, weights, steps, data_dir, 128, held)
+                    else:
+                        m = pruned
                     result = evaluate_model(m, tokenizer, e, data_dir, reference=dense_result)
                     row = {"mix": name, "strategy": row_name, "ratio": ratio}
                     s = scalars(result)
