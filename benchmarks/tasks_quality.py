@@ -29,7 +29,7 @@ from typing import Annotated
 import torch
 import typer
 
-from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneConfig
+from gqaprune.config.recovery_and_evaluation import EvaluateParams, FinetuneConfig, FinetuneParams
 from gqaprune.config.sections import PlanConfig
 from gqaprune.data.windows import heldout_windows, mixed_calibration_samples, mixed_text_windows, recovery_data
 from gqaprune.evaluation.suite import evaluate_model, retention, scalars
@@ -73,12 +73,26 @@ def _lora(model, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int):
 
 def _distill(model, teacher, tokenizer, mix: dict, steps: int, data_dir: str, seq_len: int, exclude):
     """Distillation from the dense ``teacher`` on windows of the recovery mix (the finetune stage's
-    ``method: distill`` with its default settings: every weight trained, lr 2e-4, 8 windows a step)."""
-    from gqaprune.recovery.distill import DistillConfig, distill
+    ``method: distill`` with its default settings and ``max_steps=steps``)."""
+    from gqaprune.recovery.distill import distill, distill_settings
 
     windows = mixed_text_windows(tokenizer, mix, seq_len, data_dir, exclude)
-    config = DistillConfig(mode="full", lr=2e-4, batch_size=8, max_steps=steps, max_seconds=None)
-    return distill(model, teacher, windows, config).eval()
+    return distill(model, teacher, windows, distill_settings(FinetuneParams(max_steps=steps))).eval()
+
+
+RECOVERIES = {"lora": "LoRA", "distill": "distill"}  # --recover method -> its name in the rows
+
+
+def _recoveries(recover: str) -> list[tuple[str, int]]:
+    """``lora:10,distill:20`` -> [("lora", 10), ("distill", 20)]; an unknown method or a bad count stops the run."""
+    out = []
+    for item in filter(None, recover.split(",")):
+        method, _, steps = item.partition(":")
+        if method not in RECOVERIES or not steps.isdigit() or int(steps) < 1:
+            raise typer.BadParameter(f"{item!r}: expected METHOD:STEPS with METHOD one of {sorted(RECOVERIES)}",
+                                     param_hint="--recover")
+        out.append((method, int(steps)))
+    return out
 
 
 @app.command()
@@ -97,6 +111,7 @@ def run(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
 ) -> None:
     """Every mix x ratio x strategy, measured with the evaluate stages' suite."""
+    recoveries = _recoveries(recover)  # checked before any model is loaded
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model(model, device="cpu"), load_tokenizer(model)
@@ -147,9 +162,8 @@ def run(
                     pruned, _ = prune_copy(dense, scores, sim, counts, geometry.num_layers, STRATEGIES[strategy],
                                            ratio, stats)
                     label = strategy
-                recoveries = [(r.split(":")[0], int(r.split(":")[1])) for r in recover.split(",") if r] if auto else []
-                for method, steps in [("none", 0), *recoveries]:
-                    row_name = f"{label} + {'LoRA' if method == 'lora' else method} {steps}" if steps else label
+                for method, steps in [("none", 0), *(recoveries if auto else [])]:
+                    row_name = f"{label} + {RECOVERIES[method]} {steps}" if steps else label
                     if (name, row_name, ratio) in done:
                         continue
                     # each recovery starts from the pruned model (a copy: both merge into the model they train)

@@ -72,6 +72,13 @@ class DistillConfig:
             raise ValueError("distill: lr, batch_size, temperature must be > 0 and hidden_weight >= 0")
 
 
+def distill_settings(finetune) -> DistillConfig:
+    """The distillation settings of a ``finetune`` params section
+    (:class:`gqaprune.config.recovery_and_evaluation.FinetuneParams`: ``distill_*``, ``max_steps``, ``seed``)."""
+    return DistillConfig(mode=finetune.distill_mode, lr=finetune.distill_lr, batch_size=finetune.distill_batch_size,
+                         max_steps=finetune.max_steps, max_seconds=finetune.distill_max_seconds, seed=finetune.seed)
+
+
 def distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: nn.Module,
                       teacher_head: nn.Module, temperature: float = 1.0, hidden_weight: float = 0.0,
                       head_chunk: int = 256) -> torch.Tensor:

@@ -113,7 +113,7 @@ def _distill(params: Params, out: StageOutputs, ctx: DistContext, loss_rows: lis
     from gqaprune.models.loading import load_model
     from gqaprune.pipeline.inputs import check_inputs, load_dense
     from gqaprune.pruning.surgery import save_pruned
-    from gqaprune.recovery.distill import DistillConfig, distill
+    from gqaprune.recovery.distill import distill, distill_settings
 
     f = params.finetune
     if ctx.is_distributed:
@@ -126,9 +126,7 @@ def _distill(params: Params, out: StageOutputs, ctx: DistContext, loss_rows: lis
     student = load_model(PRUNED_DIR, f.dtype, f.device, ctx, params.distributed.placement)
     tokenizer = AutoTokenizer.from_pretrained(PRUNED_DIR)
     windows = mixed_text_windows(tokenizer, _recovery_mix(params), params.calibrate.seq_len, CORPORA_DIR, _heldout())
-    config = DistillConfig(mode=f.distill_mode, lr=f.distill_lr, batch_size=f.distill_batch_size,
-                           max_steps=f.max_steps, max_seconds=f.distill_max_seconds, seed=f.seed)
-    student = distill(student, teacher, windows, config,
+    student = distill(student, teacher, windows, distill_settings(f),
                       log=lambda step, loss, lr, elapsed: loss_rows.append({"step": step, "loss": loss, "lr": lr}))
     info = dict(getattr(student.config, "gqaprune_info", None) or {}, finetune=_asdict(f),
                 pruned_fingerprint=pruned_fp)
